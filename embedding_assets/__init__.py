@@ -1,0 +1,1 @@
+"""embedding-pipeline: a Dagster asset graph from raw documents to a published FAISS IVF index."""

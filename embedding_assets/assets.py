@@ -1,0 +1,265 @@
+"""The seven software-defined assets, in data-flow order.
+
+Assets are thin: they read their settings, call the stage function (``embedding_assets.stages``),
+and report what a person wants to see in the UI. Data lives in the warehouse and the index store,
+never in Dagster's pickling IO manager, so nothing big travels between steps.
+"""
+
+
+import dagster as dg
+from pydantic import Field
+
+from embedding_assets.core.chunking import ChunkingSettings, max_chunk_tokens
+from embedding_assets.core.dedup import MinHashSettings
+from embedding_assets.partitions import sources_partitions
+from embedding_assets.progress import for_context
+from embedding_assets.settings import env_float, env_int, env_str
+from embedding_assets.stages.chunks import chunk_source
+from embedding_assets.stages.cleaned_documents import clean_source
+from embedding_assets.stages.deduped_chunks import dedup_source
+from embedding_assets.stages.embeddings import embed_source
+from embedding_assets.stages.faiss_index import IndexSettings, build_and_publish
+from embedding_assets.stages.quantized_embeddings import quantize_source
+from embedding_assets.stages.raw_documents import ingest_source
+from resources import (
+    DocumentSourcesResource,
+    EmbeddingCacheResource,
+    EmbeddingModelResource,
+    IndexStoreResource,
+    WarehouseResource,
+)
+
+GROUP = "embedding_pipeline"
+# Steps that write the warehouse queue on one pool (set a limit for it in dagster.yaml, see README);
+# the warehouse's file lock keeps them correct even without a limit.
+WAREHOUSE_POOL = "embedding_warehouse"
+
+
+class RawDocumentsConfig(dg.Config):
+    allow_empty: bool = Field(
+        default=False,
+        description="Allow an empty or missing source folder to delete every stored document of the source.",
+    )
+
+
+class ChunkingConfig(dg.Config):
+    chunk_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_TOKENS", 240), description="Max tokens per chunk.")
+    overlap_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_OVERLAP", 36), description="Overlap where a long section is split.")
+    min_chunk_tokens: int = Field(default=env_int("EMBEDDING_MIN_CHUNK_TOKENS", 48), description="Smaller chunks are merged.")
+
+
+class DedupConfig(dg.Config):
+    threshold: float = Field(default=env_float("EMBEDDING_DEDUP_THRESHOLD", 0.8), description="MinHash Jaccard threshold.")
+    num_perm: int = Field(default=env_int("EMBEDDING_DEDUP_NUM_PERM", 128), description="MinHash permutations.")
+    shingle_words: int = Field(default=env_int("EMBEDDING_DEDUP_SHINGLE_WORDS", 5), description="Words per shingle.")
+
+
+class IndexConfig(dg.Config):
+    factory_template: str = Field(
+        default=env_str("EMBEDDING_INDEX_FACTORY", "IVF{nlist},Flat"),
+        description="FAISS index factory string; {nlist} is chosen from the vector count (flat below a threshold).",
+    )
+    target_recall: float = Field(default=env_float("EMBEDDING_TARGET_RECALL", 0.95), description="recall@10 nprobe is tuned to.")
+    recall_queries: int = Field(default=env_int("EMBEDDING_RECALL_QUERIES", 200), description="Sampled queries for recall.")
+    min_nlist: int = Field(default=env_int("EMBEDDING_MIN_NLIST", 8), description="Below this many lists, build a flat index.")
+
+
+@dg.asset(
+    partitions_def=sources_partitions,
+    group_name=GROUP,
+    kinds={"duckdb"},
+    pool=WAREHOUSE_POOL,
+    description="Files of one source: relative path, bytes, content sha256, size, mtime. Unsupported or refused files are recorded with a reason.",
+)
+def raw_documents(
+    context: dg.AssetExecutionContext,
+    config: RawDocumentsConfig,
+    sources: DocumentSourcesResource,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    r = ingest_source(
+        warehouse, sources.root_path, context.partition_key,
+        max_file_bytes=sources.max_file_bytes, allow_empty=config.allow_empty, progress=for_context(context),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": r.live_documents,
+            "added": r.added, "updated": r.updated, "unchanged": r.unchanged, "deleted": r.deleted,
+            "renamed": r.renamed, "skipped": len(r.skipped), "bytes_read": r.bytes_read, "seconds": round(r.seconds, 3),
+            "skipped_files": dg.MetadataValue.md(_table(["file", "reason"], [(s.relative_path, s.reason) for s in r.skipped])),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=sources_partitions,
+    deps=[raw_documents],
+    group_name=GROUP,
+    kinds={"duckdb"},
+    pool=WAREHOUSE_POOL,
+    description="Text and heading structure extracted with a real HTML parser, Markdown/RST markup removed, Unicode normalized, language detected. Documents without text are quarantined with the reason.",
+)
+def cleaned_documents(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    r = clean_source(warehouse, context.partition_key, progress=for_context(context))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": r.live_documents,
+            "cleaned": r.cleaned, "unchanged": r.unchanged, "quarantined": len(r.quarantined),
+            "warnings": r.warnings, "characters": r.characters, "seconds": round(r.seconds, 3),
+            "languages": dg.MetadataValue.json(r.languages),
+            "quarantine": dg.MetadataValue.md(_table(["file", "reason"], r.quarantined)),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=sources_partitions,
+    deps=[cleaned_documents],
+    group_name=GROUP,
+    kinds={"duckdb"},
+    pool=WAREHOUSE_POOL,
+    description="Structure-aware chunks measured in the model's own tokens, never over its limit, with stable content-derived chunk ids and character offsets.",
+)
+def chunks(
+    context: dg.AssetExecutionContext, config: ChunkingConfig, warehouse: WarehouseResource, model: EmbeddingModelResource
+) -> dg.MaterializeResult:
+    tokenizer = model.tokenizer()
+    max_tokens = max_chunk_tokens(tokenizer, model.effective_max_seq_length())
+    r = chunk_source(
+        warehouse, context.partition_key,
+        tokenizer=tokenizer, tokenizer_fingerprint=model.tokenizer_fingerprint(), max_tokens=max_tokens,
+        settings=ChunkingSettings(config.chunk_tokens, config.overlap_tokens, config.min_chunk_tokens),
+        progress=for_context(context),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": r.live_chunks,
+            "documents_chunked": r.documents_chunked, "documents_unchanged": r.documents_unchanged,
+            "chunks_added": r.chunks_added, "chunks_removed": r.chunks_removed,
+            "tokens_chunked": r.tokens, "max_token_count": r.max_token_count, "token_limit": max_tokens,
+            "seconds": round(r.seconds, 3),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=sources_partitions,
+    deps=[chunks],
+    group_name=GROUP,
+    kinds={"duckdb"},
+    pool=WAREHOUSE_POOL,
+    description="Exact (normalized-text hash) and near (MinHash LSH) duplicates removed across all sources; each dropped chunk records which chunk it duplicates.",
+)
+def deduped_chunks(context: dg.AssetExecutionContext, config: DedupConfig, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    settings = MinHashSettings(num_perm=config.num_perm, shingle_words=config.shingle_words, threshold=config.threshold)
+    r = dedup_source(warehouse, context.partition_key, settings=settings, progress=for_context(context))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": r.live_canonical,
+            "live_chunks": r.live_chunks, "decided": r.decided, "canonical": r.canonical,
+            "exact_duplicates": r.exact_duplicates, "near_duplicates": r.near_duplicates,
+            "redecided": r.redecided, "decisions_removed": r.decisions_removed,
+            "dedup_ratio": round(r.dedup_ratio, 4), "seconds": round(r.seconds, 3),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=sources_partitions,
+    deps=[deduped_chunks],
+    group_name=GROUP,
+    kinds={"duckdb", "pytorch"},
+    pool=WAREHOUSE_POOL,
+    description="float32 L2-normalized vectors of the canonical chunks; only cache misses reach the model, which is loaded only when needed.",
+)
+def embeddings(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    model: EmbeddingModelResource,
+    cache: EmbeddingCacheResource,
+) -> dg.MaterializeResult:
+    r = embed_source(warehouse, context.partition_key, model=model, cache=cache, progress=for_context(context))
+    looked_up = r.pending
+    hits = sum(r.cache_hits.values())
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": r.live_vectors,
+            "model_fingerprint": r.model_fingerprint, "dimension": r.dimension,
+            "embedded_by_model": r.embedded_by_model, "tokens_embedded": r.tokens_embedded,
+            "cache_hits_lru": r.cache_hits.get("lru", 0), "cache_hits_redis": r.cache_hits.get("redis", 0),
+            "cache_hits_disk": r.cache_hits.get("disk", 0),
+            "cache_hit_rate": round(hits / looked_up, 4) if looked_up else 1.0,
+            "redis_status": r.redis_status, "vectors_removed": r.removed,
+            "chunks_per_second": round(r.chunks_per_second, 2), "padding_waste": round(r.padding_waste, 4),
+            "seconds": round(r.seconds, 3),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=sources_partitions,
+    deps=[embeddings],
+    group_name=GROUP,
+    kinds={"duckdb"},
+    pool=WAREHOUSE_POOL,
+    description="int8 codes (calibration ranges computed once per model from a corpus sample and reused) and packed binary codes.",
+)
+def quantized_embeddings(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, model: EmbeddingModelResource
+) -> dg.MaterializeResult:
+    r = quantize_source(warehouse, context.partition_key, model_fingerprint=model.model_fingerprint(), progress=for_context(context))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": r.live_codes,
+            "quantized": r.quantized, "removed": r.removed,
+            "calibration_sample_size": r.calibration_sample_size, "calibrated_now": r.calibrated_now,
+            **{f"bytes_per_vector_{k}": v for k, v in r.bytes_per_vector.items()},
+            "seconds": round(r.seconds, 3),
+        }
+    )
+
+
+@dg.asset(
+    deps=[quantized_embeddings],
+    group_name=GROUP,
+    kinds={"faiss"},
+    description="FAISS IVF index over every source's canonical vectors (flat when small), nprobe tuned to the recall target against exact search, published atomically with a manifest.",
+)
+def faiss_index(
+    context: dg.AssetExecutionContext,
+    config: IndexConfig,
+    warehouse: WarehouseResource,
+    index_store: IndexStoreResource,
+    model: EmbeddingModelResource,
+) -> dg.MaterializeResult:
+    settings = IndexSettings(
+        factory_template=config.factory_template, target_recall=config.target_recall,
+        recall_queries=config.recall_queries, min_nlist=config.min_nlist,
+    )
+    r, published = build_and_publish(
+        warehouse, index_store, model_fingerprint=model.model_fingerprint(), dimension=model.dimension(),
+        settings=settings, progress=for_context(context),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": r.count,
+            "version": r.version, "path": str(published.path), "factory": r.factory,
+            "nlist": r.nlist, "nprobe": r.nprobe, "recall_at_10": round(r.recall_at_k, 4),
+            "training_points": r.training_points, "index_bytes": r.index_bytes, "dimension": r.dimension,
+            "seconds": round(r.seconds, 3),
+        }
+    )
+
+
+def _table(header: list[str], rows) -> str:
+    rows = list(rows)
+    if not rows:
+        return "_none_"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows[:200]]
+    if len(rows) > 200:
+        lines.append(f"| … {len(rows) - 200} more | |")
+    return "\n".join(lines)
+
+
+PIPELINE_ASSETS = [raw_documents, cleaned_documents, chunks, deduped_chunks, embeddings, quantized_embeddings, faiss_index]

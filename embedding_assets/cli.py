@@ -1,0 +1,213 @@
+"""`embedding-pipeline`: materialize sources and the index, search the published index.
+
+Runs execute in-process against the Dagster instance in ``DAGSTER_HOME`` (default
+``{EMBEDDING_HOME}/dagster``), the same one ``make ui`` opens, so CLI runs show in the UI's run history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Written into a new DAGSTER_HOME: no telemetry (this machine may have no network), and the warehouse
+# pool limited to one step at a time so parallel partitions queue instead of waiting on the lock.
+DAGSTER_YAML = """telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+"""
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="embedding-pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    mat = sub.add_parser("materialize", help="materialize sources (all when none given), then the index")
+    mat.add_argument("--source", action="append", default=[], metavar="NAME", help="a source folder name; repeatable")
+    mat.add_argument("--allow-empty", action="store_true", help="let an empty or missing source delete its documents")
+    mat.add_argument("--no-index", action="store_true", help="skip building the index")
+    mat.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
+    find = sub.add_parser("search", help="search the published index")
+    find.add_argument("query")
+    find.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
+    find.add_argument("--json", action="store_true", help="one JSON object per hit")
+    sub.add_parser("sources", help="list the sources found under EMBEDDING_SOURCES_DIR")
+    args = parser.parse_args(argv)
+    _ensure_dagster_home()
+    try:
+        if args.command == "materialize":
+            return _materialize(args)
+        if args.command == "search":
+            return _search(args)
+        return _sources()
+    except KeyboardInterrupt:
+        return 130
+
+
+def _ensure_dagster_home() -> None:
+    from embedding_assets.settings import home_dir
+
+    if not os.environ.get("DAGSTER_HOME"):
+        os.environ["DAGSTER_HOME"] = str(home_dir() / "dagster")
+    dagster_home = Path(os.environ["DAGSTER_HOME"])
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+
+
+def _sources() -> int:
+    from embedding_assets.settings import sources_dir
+    from embedding_assets.core.sources import list_sources
+
+    for name in list_sources(sources_dir()):
+        print(name)
+    return 0
+
+
+def _materialize(args) -> int:
+    import dagster as dg
+
+    from embedding_assets.definitions import defs
+    from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
+    from embedding_assets.progress import TerminalProgress, set_terminal_reporter
+    from embedding_assets.settings import sources_dir
+    from embedding_assets.core.sources import list_sources, source_dir
+
+    root = sources_dir()
+    names = args.source or list_sources(root)
+    if not names:
+        print(f"error: no sources under {root} (EMBEDDING_SOURCES_DIR); create a folder per source", file=sys.stderr)
+        return EXIT_USAGE
+    for name in names:
+        try:
+            source_dir(root, name)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    out = sys.stderr if args.json else sys.stdout
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(SOURCES_PARTITIONS_NAME, [n for n in names if not instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n)])
+    set_terminal_reporter(TerminalProgress())
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    report: dict[str, Any] = {"sources": {}, "index": None}
+    started = time.perf_counter()
+    try:
+        ingest = defs.resolve_job_def("ingest_source")
+        for name in names:
+            print(f"source {name}", file=out)
+            run_config = dict(quiet)
+            if args.allow_empty:
+                run_config["ops"] = {"raw_documents": {"config": {"allow_empty": True}}}
+            result = _execute(ingest, instance, run_config, partition_key=name)
+            if result is None:
+                return EXIT_FAILED
+            report["sources"][name] = _materializations(result)
+        if not args.no_index:
+            print("index", file=out)
+            result = _execute(defs.resolve_job_def("build_index"), instance, quiet)
+            if result is None:
+                return EXIT_FAILED
+            report["index"] = _materializations(result).get("faiss_index")
+    finally:
+        set_terminal_reporter(None)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["quarantine"] = _quarantine(names)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_summary(report)
+    return 0
+
+
+def _execute(job, instance, run_config, partition_key: str | None = None):
+    """Run a job in-process; on failure print the user-facing error and return None."""
+    import dagster as dg
+
+    try:
+        return job.execute_in_process(instance=instance, run_config=run_config, partition_key=partition_key)
+    except dg.DagsterExecutionStepExecutionError as exc:
+        cause = exc.user_exception or exc
+        where = f" (source {partition_key})" if partition_key else ""
+        print(f"error{where}: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return None
+
+
+def _materializations(result) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        out[mat.asset_key.to_user_string()] = {
+            key: value.value for key, value in mat.metadata.items() if not key.startswith("dagster/")
+        } | {"row_count": mat.metadata["dagster/row_count"].value if "dagster/row_count" in mat.metadata else None}
+    return out
+
+
+def _quarantine(names: list[str]) -> list[dict[str, str]]:
+    from embedding_assets.settings import build_resources
+
+    warehouse = build_resources()["warehouse"]
+    rows = warehouse.query_rows(
+        """SELECT source, relative_path, reason, 'quarantined' FROM quarantine WHERE source IN (SELECT unnest(?::VARCHAR[]))
+           UNION ALL
+           SELECT source, relative_path, reason, 'skipped' FROM skipped_files WHERE source IN (SELECT unnest(?::VARCHAR[]))
+           ORDER BY 1, 2""",
+        [names, names],
+    )
+    return [{"source": s, "path": p, "reason": r, "kind": k} for s, p, r, k in rows]
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    print()
+    print(f"{'source':<16}{'docs +/~/=/-':>16}{'chunks':>9}{'dups':>7}{'embedded':>10}{'cache hits':>12}")
+    for name, assets in report["sources"].items():
+        raw = assets.get("raw_documents", {})
+        dedup = assets.get("deduped_chunks", {})
+        emb = assets.get("embeddings", {})
+        docs = f"{raw.get('added', 0)}/{raw.get('updated', 0)}/{raw.get('unchanged', 0)}/{raw.get('deleted', 0)}"
+        hits = sum(emb.get(f"cache_hits_{t}", 0) for t in ("lru", "redis", "disk"))
+        dups = (dedup.get("live_chunks") or 0) - (dedup.get("row_count") or 0)
+        print(f"{name:<16}{docs:>16}{assets.get('chunks', {}).get('row_count', 0):>9}{dups:>7}"
+              f"{emb.get('embedded_by_model', 0):>10}{hits:>12}")
+    index = report.get("index")
+    if index:
+        print(f"\nindex {index['version']}: {index['row_count']} vectors, {index['factory']}, "
+              f"nprobe {index['nprobe']}, recall@10 {index['recall_at_10']}")
+    for item in report.get("quarantine", []):
+        print(f"  {item['kind']}: {item['source']}/{item['path']}: {item['reason']}")
+    print(f"done in {report['seconds']:.1f} s")
+
+
+def _search(args) -> int:
+    from embedding_assets.search import search
+    from embedding_assets.settings import build_resources
+    from resources.index_store import IndexStoreError
+
+    if args.k < 1:
+        print("error: --k must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    res = build_resources()
+    try:
+        hits = search(args.query, args.k, model=res["model"], warehouse=res["warehouse"], index_store=res["index_store"])
+    except IndexStoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for rank, hit in enumerate(hits, 1):
+        if args.json:
+            print(hit.to_json())
+        else:
+            snippet = " ".join(hit.text.split())[:200]
+            print(f"{rank}. {hit.score:.3f}  {hit.source}/{hit.doc_path}  {' > '.join(hit.heading_path)}\n   {snippet}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

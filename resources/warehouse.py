@@ -1,0 +1,202 @@
+"""DuckDB warehouse: the one owner of the database file, its schema and every query.
+
+DuckDB allows one writing process per file (dagster #16248: "Could not set lock on file"), and
+partitions run in separate processes. So every access goes through :meth:`WarehouseResource.connect`,
+which takes an OS file lock next to the database (exclusive to write, shared to read), opens DuckDB for
+the duration of one short unit of work and closes it again. Steps hold the lock only while they read
+their inputs or write a batch, never while they compute embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from resources.locks import LockTimeout, file_lock
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS meta (key VARCHAR, value VARCHAR)""",
+    # raw_documents: one row per live file of a source; content kept so later stages never re-read disk.
+    """CREATE TABLE IF NOT EXISTS documents (
+        doc_id VARCHAR, source VARCHAR, relative_path VARCHAR, suffix VARCHAR,
+        content_sha256 VARCHAR, size_bytes BIGINT, mtime_ns BIGINT, content BLOB,
+        first_seen TIMESTAMP, updated_at TIMESTAMP)""",
+    # Files of a source that were refused or skipped at read time, replaced on each scan of that source.
+    """CREATE TABLE IF NOT EXISTS skipped_files (
+        source VARCHAR, relative_path VARCHAR, reason VARCHAR, recorded_at TIMESTAMP)""",
+    # Documents that could not be cleaned (binary, no text...). Replaced per document on each clean.
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        doc_id VARCHAR, source VARCHAR, relative_path VARCHAR, stage VARCHAR, reason VARCHAR,
+        content_sha256 VARCHAR, recorded_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS cleaned_documents (
+        doc_id VARCHAR, source VARCHAR, content_sha256 VARCHAR, cleaning_fingerprint VARCHAR,
+        cleaned_sha256 VARCHAR, text VARCHAR, blocks VARCHAR, title VARCHAR, language VARCHAR,
+        warnings VARCHAR, char_count BIGINT)""",
+    # Which cleaned version of a document its chunks were made from, under which chunking settings.
+    """CREATE TABLE IF NOT EXISTS chunked_documents (
+        doc_id VARCHAR, source VARCHAR, cleaned_sha256 VARCHAR, chunking_fingerprint VARCHAR,
+        chunk_count INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS chunks (
+        chunk_id VARCHAR, vector_id BIGINT, doc_id VARCHAR, source VARCHAR, ordinal INTEGER,
+        text VARCHAR, text_sha256 VARCHAR, start_char INTEGER, end_char INTEGER,
+        heading_path VARCHAR, token_count INTEGER)""",
+    # Dedup decision per live chunk: canonical, or a duplicate of another live chunk.
+    """CREATE TABLE IF NOT EXISTS chunk_dedup (
+        chunk_id VARCHAR, source VARCHAR, text_sha256 VARCHAR, status VARCHAR,
+        duplicate_of VARCHAR, similarity DOUBLE, dedup_fingerprint VARCHAR, decided_in VARCHAR)""",
+    # MinHash LSH band keys of canonical chunks: near-dup candidates across the whole corpus by a join.
+    """CREATE TABLE IF NOT EXISTS minhash_bands (chunk_id VARCHAR, band INTEGER, band_key BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS minhash_signatures (chunk_id VARCHAR, signature BLOB)""",
+    """CREATE TABLE IF NOT EXISTS embeddings (
+        chunk_id VARCHAR, vector_id BIGINT, source VARCHAR, text_sha256 VARCHAR,
+        model_fingerprint VARCHAR, vector FLOAT[])""",
+    """CREATE TABLE IF NOT EXISTS quantization_ranges (
+        model_fingerprint VARCHAR, ranges BLOB, dim INTEGER, sample_size INTEGER, created_at TIMESTAMP)""",
+    """CREATE TABLE IF NOT EXISTS quantized_embeddings (
+        chunk_id VARCHAR, vector_id BIGINT, source VARCHAR, model_fingerprint VARCHAR,
+        int8 BLOB, ubinary BLOB)""",
+    "CREATE INDEX IF NOT EXISTS documents_source ON documents (source)",
+    "CREATE INDEX IF NOT EXISTS chunks_doc ON chunks (doc_id)",
+    "CREATE INDEX IF NOT EXISTS chunks_source ON chunks (source)",
+    "CREATE INDEX IF NOT EXISTS dedup_chunk ON chunk_dedup (chunk_id)",
+    "CREATE INDEX IF NOT EXISTS dedup_text ON chunk_dedup (text_sha256)",
+    "CREATE INDEX IF NOT EXISTS bands_key ON minhash_bands (band_key)",
+    "CREATE INDEX IF NOT EXISTS embeddings_chunk ON embeddings (chunk_id)",
+]
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse cannot be opened or locked; the message names the file and what to do."""
+
+
+class WarehouseResource(ConfigurableResource):
+    """DuckDB warehouse under the pipeline home folder, safe to use from many processes at once."""
+
+    home: str = Field(description="Pipeline home folder; the database is `{home}/warehouse.duckdb`.")
+    lock_timeout_seconds: float = Field(
+        default=900.0,
+        description="How long a step waits for another process's write to finish before failing.",
+    )
+
+    @property
+    def path(self) -> Path:
+        return Path(self.home) / "warehouse.duckdb"
+
+    @contextlib.contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One short unit of work: lock, open, yield a connection, commit or roll back, close, unlock.
+
+        Writers are serialized across processes; readers share the lock with each other.
+        A unit of work that raises is rolled back, so nothing already stored is lost.
+        """
+        home = Path(self.home)
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WarehouseError(f"cannot create the home folder {home} (EMBEDDING_HOME): {exc}") from exc
+        if read_only and not self.path.exists():
+            with self.connect():  # first use: create the schema under the write lock
+                pass
+        with self._lock(home, exclusive=not read_only):
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                raise WarehouseError(f"cannot open the warehouse {self.path}: {exc}") from exc
+            try:
+                if read_only:
+                    yield con
+                    return
+                _ensure_schema(con)
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    yield con
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+            finally:
+                con.close()
+
+    @contextlib.contextmanager
+    def _lock(self, home: Path, *, exclusive: bool) -> Iterator[None]:
+        try:
+            with file_lock(home / "warehouse.lock", exclusive=exclusive, timeout=self.lock_timeout_seconds):
+                yield
+        except LockTimeout as exc:
+            raise WarehouseError(
+                f"{exc}: another run is using the warehouse; retry later or raise lock_timeout_seconds"
+            ) from None
+
+    def query_rows(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
+        """Run a read query and return all rows (small results only)."""
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def stream_arrow(self, sql: str, params: list[Any] | None = None, batch_rows: int = 4096) -> Iterator[pa.RecordBatch]:
+        """Stream a query's result as Arrow record batches, holding the read lock while iterating.
+
+        Keep the loop body short (no model calls): writers wait for it.
+        """
+        with self.connect(read_only=True) as con:
+            reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
+            yield from reader
+
+
+def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, Any]) -> int:
+    """Insert columns (name -> list / numpy / arrow array) into ``table`` in one statement."""
+    batch = pa.table(columns)
+    if batch.num_rows == 0:
+        return 0
+    con.register("_insert_batch", batch)
+    try:
+        names = ", ".join(batch.column_names)
+        con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch")
+    finally:
+        con.unregister("_insert_batch")
+    return batch.num_rows
+
+
+def vectors_to_arrow(vectors: np.ndarray) -> pa.Array:
+    """(n, dim) float32 -> Arrow list<float> column for DuckDB FLOAT[]."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))
+
+
+def arrow_to_vectors(column: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
+    """Arrow list<float> column -> (n, dim) float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(n, -1)
+
+
+def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    if con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+    ).fetchone()[0]:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row and int(row[0]) == SCHEMA_VERSION:
+            return
+        if row and int(row[0]) != SCHEMA_VERSION:
+            raise WarehouseError(
+                f"warehouse schema version {row[0]} != {SCHEMA_VERSION}; use a new EMBEDDING_HOME or delete it"
+            )
+    for statement in _SCHEMA:
+        con.execute(statement)
+    con.execute("DELETE FROM meta WHERE key = 'schema_version'")
+    con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])

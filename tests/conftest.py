@@ -1,0 +1,112 @@
+"""Shared pytest fixtures. Each block is self-contained; append new fixtures in their own block."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# --------------------------------------------------------------------------- real redis-server
+
+REDIS_SERVER_BINARY = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServerProcess:
+    """A real ``redis-server`` on 127.0.0.1 without persistence, stoppable for fault tests."""
+
+    def __init__(self, data_dir: Path, password: str | None = None):
+        self.port = free_tcp_port()
+        self.password = password
+        self._data_dir = data_dir
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and wait until it answers PING."""
+        if self._process is not None and self._process.poll() is None:
+            return
+        args = [
+            REDIS_SERVER_BINARY,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self._data_dir),
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_for_ping()
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL, like a crash) and wait until its port is closed."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+        self._process = None
+
+    def _wait_for_ping(self, timeout_s: float = 10.0) -> None:
+        ping = b"*1\r\n$4\r\nPING\r\n"
+        if self.password:
+            auth = self.password.encode()
+            ping = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(auth), auth) + ping
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} exited with {self._process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(ping)
+                    reply = b""
+                    while b"+PONG" not in reply:
+                        chunk = sock.recv(256)
+                        if not chunk:
+                            break
+                        reply += chunk
+                    if b"+PONG" in reply:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING within {timeout_s} s")
+
+
+def _redis_server_or_skip(tmp_path_factory: pytest.TempPathFactory, password: str | None) -> Iterator[RedisServerProcess]:
+    if not Path(REDIS_SERVER_BINARY).exists():
+        pytest.skip("redis-server is not installed; run `make test`, which installs it")
+    server = RedisServerProcess(tmp_path_factory.mktemp("redis"), password=password)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerProcess]:
+    """A fresh real redis-server (no auth) for one test: ``.url``, ``.port``, ``.stop()``, ``.start()``."""
+    yield from _redis_server_or_skip(tmp_path_factory, password=None)
+
+
+@pytest.fixture
+def redis_server_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerProcess]:
+    """Like ``redis_server`` but started with ``--requirepass``; ``.password`` holds it, ``.url`` includes it."""
+    yield from _redis_server_or_skip(tmp_path_factory, password="pw-" + secrets.token_hex(8))

