@@ -1,0 +1,54 @@
+# embedding-pipeline: the two set-up commands are `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export EMBEDDING_HOME ?= $(CURDIR)/.embedding_home
+export DAGSTER_HOME ?= $(EMBEDDING_HOME)/dagster
+STAMP := $(VENV)/.installed
+# Keep torch pinned: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: run test ui bench bench-quick install system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH_PIN)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Materialize the whole graph on the bundled sample corpus, then run a sample search.
+run: $(STAMP)
+	$(BIN)/embedding-pipeline materialize
+	$(BIN)/embedding-pipeline search "how do I descale the coffee machine" --k 3
+
+## Install what the tests need (redis-server included) and run the whole suite.
+test: system-deps $(STAMP)
+	$(BIN)/python -m pytest -q
+
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## Open the Dagster UI on http://127.0.0.1:3000 with the same home as `make run`.
+ui: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n' > $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+clean:
+	rm -rf $(EMBEDDING_HOME)
