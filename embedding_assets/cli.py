@@ -77,7 +77,7 @@ def _materialize(args) -> int:
     import dagster as dg
 
     from embedding_assets.definitions import defs
-    from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
+    from embedding_assets.runner import RunFailed, materialize_index, materialize_source
     from embedding_assets.progress import TerminalProgress, set_terminal_reporter
     from embedding_assets.settings import sources_dir
     from embedding_assets.core.sources import list_sources, source_dir
@@ -95,28 +95,19 @@ def _materialize(args) -> int:
             return EXIT_USAGE
     out = sys.stderr if args.json else sys.stdout
     instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions(SOURCES_PARTITIONS_NAME, [n for n in names if not instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n)])
     set_terminal_reporter(TerminalProgress())
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     report: dict[str, Any] = {"sources": {}, "index": None}
     started = time.perf_counter()
     try:
-        ingest = defs.resolve_job_def("ingest_source")
         for name in names:
             print(f"source {name}", file=out)
-            run_config = dict(quiet)
-            if args.allow_empty:
-                run_config["ops"] = {"raw_documents": {"config": {"allow_empty": True}}}
-            result = _execute(ingest, instance, run_config, partition_key=name)
-            if result is None:
-                return EXIT_FAILED
-            report["sources"][name] = _materializations(result)
+            report["sources"][name] = materialize_source(defs, instance, name, allow_empty=args.allow_empty)
         if not args.no_index:
             print("index", file=out)
-            result = _execute(defs.resolve_job_def("build_index"), instance, quiet)
-            if result is None:
-                return EXIT_FAILED
-            report["index"] = _materializations(result).get("faiss_index")
+            report["index"] = materialize_index(defs, instance)
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         set_terminal_reporter(None)
     report["seconds"] = round(time.perf_counter() - started, 3)
@@ -126,29 +117,6 @@ def _materialize(args) -> int:
     else:
         _print_summary(report)
     return 0
-
-
-def _execute(job, instance, run_config, partition_key: str | None = None):
-    """Run a job in-process; on failure print the user-facing error and return None."""
-    import dagster as dg
-
-    try:
-        return job.execute_in_process(instance=instance, run_config=run_config, partition_key=partition_key)
-    except dg.DagsterExecutionStepExecutionError as exc:
-        cause = exc.user_exception or exc
-        where = f" (source {partition_key})" if partition_key else ""
-        print(f"error{where}: {type(cause).__name__}: {cause}", file=sys.stderr)
-        return None
-
-
-def _materializations(result) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for event in result.get_asset_materialization_events():
-        mat = event.event_specific_data.materialization
-        out[mat.asset_key.to_user_string()] = {
-            key: value.value for key, value in mat.metadata.items() if not key.startswith("dagster/")
-        } | {"row_count": mat.metadata["dagster/row_count"].value if "dagster/row_count" in mat.metadata else None}
-    return out
 
 
 def _quarantine(names: list[str]) -> list[dict[str, str]]:

@@ -647,10 +647,12 @@ class EmbeddingCacheResource(dg.ConfigurableResource):
         Keys: ``lru_hits``, ``redis_hits``, ``disk_hits``, ``misses`` (per distinct key per
         ``get_many`` call), ``writes`` (vectors given to ``set_many``), ``corrupt`` (stored
         values that failed to decode), ``redis_errors`` (failed Redis calls), ``redis_status``
-        (``"ok"``, ``"degraded"`` or ``"disabled"``, shared by the process), ``lru_size``.
+        (``"ok"``, ``"degraded"`` or ``"disabled"``, shared by the process), ``lru_size``,
+        and ``hits``: the three hit counts again as ``{"lru": n, "redis": n, "disk": n}``.
         """
         tiers = self._tiers()
-        counts = dict(self._stats.counts)
+        counts: dict[str, Any] = dict(self._stats.counts)
+        counts["hits"] = {tier: counts[f"{tier}_hits"] for tier in ("lru", "redis", "disk")}
         counts["redis_status"] = "disabled" if tiers.redis is None else tiers.redis.status
         counts["lru_size"] = len(tiers.lru)
         return counts

@@ -89,7 +89,9 @@ class RedisServerProcess:
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING within {timeout_s} s")
 
 
-def _redis_server_or_skip(tmp_path_factory: pytest.TempPathFactory, password: str | None) -> Iterator[RedisServerProcess]:
+def _redis_server_or_skip(
+    tmp_path_factory: pytest.TempPathFactory, password: str | None
+) -> Iterator[RedisServerProcess]:
     if not Path(REDIS_SERVER_BINARY).exists():
         pytest.skip("redis-server is not installed; run `make test`, which installs it")
     server = RedisServerProcess(tmp_path_factory.mktemp("redis"), password=password)
@@ -108,5 +110,5 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 def redis_server_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerProcess]:
-    """Like ``redis_server`` but started with ``--requirepass``; ``.password`` holds it, ``.url`` includes it."""
+    """Like ``redis_server`` but with ``--requirepass``: ``.password`` holds it, ``.url`` includes it."""
     yield from _redis_server_or_skip(tmp_path_factory, password="pw-" + secrets.token_hex(8))

@@ -215,6 +215,7 @@ def test_disk_round_trip_back_fills_lru(make_cache):
         np.testing.assert_array_equal(got[i], vec(i))
     assert got[5] is None
     assert (cache.stats()["disk_hits"], cache.stats()["misses"]) == (5, 1)
+    assert cache.stats()["hits"] == {"lru": 0, "redis": 0, "disk": 5}
 
     cache.reset_stats()
     cache.get_many(keys, DIM)
@@ -291,7 +292,8 @@ def test_corrupt_disk_value_is_a_miss_and_is_overwritten(make_cache, corruption)
     k = key("corrupt on disk")
     cache.set_many([(key("other"), vec(1))])  # creates the database file
     with sqlite3.connect(cache.disk_path) as db:
-        db.execute("INSERT INTO embeddings VALUES (?, ?)", (k, CORRUPTIONS[corruption](encode_vector(vec(6)))))
+        bad_value = CORRUPTIONS[corruption](encode_vector(vec(6)))
+        db.execute("INSERT INTO embeddings VALUES (?, ?)", (k, bad_value))
 
     assert cache.get_many([k], DIM) == [None]
     assert cache.stats()["corrupt"] == 1
@@ -330,7 +332,9 @@ def test_second_process_reads_vectors_through_redis(make_cache, redis_server, tm
     writer.set_many([(k, vec(i)) for i, k in enumerate(keys)])
     # Another home and no disk: the only way to find the vectors is Redis. The resource
     # travels pickled, as it would to a worker process.
-    reader = EmbeddingCacheResource(home=str(tmp_path / "elsewhere"), redis_url=redis_server.url, disk_enabled=False)
+    reader = EmbeddingCacheResource(
+        home=str(tmp_path / "elsewhere"), redis_url=redis_server.url, disk_enabled=False
+    )
     result = run_python(READ_IN_CHILD.format(keys=keys, dim=DIM), stdin=pickle.dumps(reader))
     for i, got in enumerate(result["vectors"]):
         np.testing.assert_array_equal(np.array(got, dtype=np.float32), vec(i))
@@ -354,7 +358,8 @@ from resources.cache import EmbeddingCacheResource
 cache = EmbeddingCacheResource(home={home!r}, lru_entries=0)
 worker = {worker}
 for batch in range(20):
-    cache.set_many([(f"emb:test:{{worker}}-{{batch}}-{{i}}", np.full(4, worker, np.float32)) for i in range(10)])
+    vector = np.full(4, worker, np.float32)
+    cache.set_many([(f"emb:test:{{worker}}-{{batch}}-{{i}}", vector) for i in range(10)])
 print(json.dumps(cache.stats()))
 """
 
@@ -508,7 +513,9 @@ def test_dagster_run_uses_the_cache_and_survives_missing_redis(tmp_path, caplog)
         found = embedding_cache.get_many([key("in dagster"), key("missing")], DIM)
         return {"found": [v is not None for v in found], **embedding_cache.stats()}
 
-    cache = EmbeddingCacheResource(home=str(tmp_path / "home"), redis_url=f"redis://:topsecret@127.0.0.1:{closed_port()}/0")
+    cache = EmbeddingCacheResource(
+        home=str(tmp_path / "home"), redis_url=f"redis://:topsecret@127.0.0.1:{closed_port()}/0"
+    )
     try:
         result = dg.materialize([cached_vectors], resources={"embedding_cache": cache})
         assert result.success

@@ -1,0 +1,71 @@
+"""Run the jobs in-process against a Dagster instance and collect their reports.
+
+Used by the CLI and the tests: runs are recorded in the instance like any other run, so they show
+in the UI's run history when the instance is the UI's (``DAGSTER_HOME``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+class RunFailed(RuntimeError):
+    """A job failed; ``cause`` is the user-code exception when there was one."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+def ensure_partitions(instance: dg.DagsterInstance, names: list[str]) -> None:
+    new = [n for n in names if not instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n)]
+    if new:
+        instance.add_dynamic_partitions(SOURCES_PARTITIONS_NAME, new)
+
+
+def materialize_source(
+    defs: dg.Definitions, instance: dg.DagsterInstance, source: str, *, allow_empty: bool = False, quiet: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Run stages 1-6 for one source; returns {asset: metadata}. Raises RunFailed."""
+    ensure_partitions(instance, [source])
+    run_config: dict[str, Any] = dict(QUIET) if quiet else {}
+    if allow_empty:
+        run_config["ops"] = {"raw_documents": {"config": {"allow_empty": True}}}
+    return _execute(defs.resolve_job_def("ingest_source"), instance, run_config, partition_key=source)
+
+
+def materialize_index(
+    defs: dg.Definitions, instance: dg.DagsterInstance, *, quiet: bool = True, index_config: dict | None = None
+) -> dict[str, Any]:
+    """Build and publish the index; returns the faiss_index metadata. Raises RunFailed."""
+    run_config: dict[str, Any] = dict(QUIET) if quiet else {}
+    if index_config:
+        run_config["ops"] = {"faiss_index": {"config": index_config}}
+    return _execute(defs.resolve_job_def("build_index"), instance, run_config)["faiss_index"]
+
+
+def _execute(job, instance, run_config, partition_key: str | None = None) -> dict[str, dict[str, Any]]:
+    try:
+        result = job.execute_in_process(instance=instance, run_config=run_config, partition_key=partition_key)
+    except dg.DagsterExecutionStepExecutionError as exc:
+        cause = exc.user_exception or exc
+        where = f" (source {partition_key})" if partition_key else ""
+        raise RunFailed(f"{type(cause).__name__}{where}: {cause}", cause) from exc
+    return materializations(result)
+
+
+def materializations(result) -> dict[str, dict[str, Any]]:
+    """{asset key: metadata values} of a run's materializations; dagster/row_count becomes row_count."""
+    out: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        out[mat.asset_key.to_user_string()] = {
+            key.removeprefix("dagster/"): value.value for key, value in mat.metadata.items()
+        }
+    return out
