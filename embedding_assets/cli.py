@@ -77,7 +77,7 @@ def _materialize(args) -> int:
     import dagster as dg
 
     from embedding_assets.definitions import defs
-    from embedding_assets.runner import RunFailed, materialize_index, materialize_source
+    from embedding_assets.runner import RunFailed, materialize_index, materialize_source, source_summary
     from embedding_assets.progress import TerminalProgress, set_terminal_reporter
     from embedding_assets.settings import sources_dir
     from embedding_assets.core.sources import list_sources, source_dir
@@ -101,7 +101,8 @@ def _materialize(args) -> int:
     try:
         for name in names:
             print(f"source {name}", file=out)
-            report["sources"][name] = materialize_source(defs, instance, name, allow_empty=args.allow_empty)
+            assets = materialize_source(defs, instance, name, allow_empty=args.allow_empty)
+            report["sources"][name] = {"summary": source_summary(assets), "assets": assets}
         if not args.no_index:
             print("index", file=out)
             report["index"] = materialize_index(defs, instance)
@@ -136,7 +137,8 @@ def _quarantine(names: list[str]) -> list[dict[str, str]]:
 def _print_summary(report: dict[str, Any]) -> None:
     print()
     print(f"{'source':<16}{'docs +/~/=/-':>16}{'chunks':>9}{'dups':>7}{'embedded':>10}{'cache hits':>12}")
-    for name, assets in report["sources"].items():
+    for name, entry in report["sources"].items():
+        assets = entry["assets"]
         raw = assets.get("raw_documents", {})
         dedup = assets.get("deduped_chunks", {})
         emb = assets.get("embeddings", {})
@@ -147,7 +149,7 @@ def _print_summary(report: dict[str, Any]) -> None:
               f"{emb.get('embedded_by_model', 0):>10}{hits:>12}")
     index = report.get("index")
     if index:
-        print(f"\nindex {index['version']}: {index['row_count']} vectors, {index['factory']}, "
+        print(f"\nindex {index['version']} ({index['build_mode']}): {index['row_count']} vectors, {index['factory']}, "
               f"nprobe {index['nprobe']}, recall@10 {index['recall_at_10']}")
     for item in report.get("quarantine", []):
         print(f"  {item['kind']}: {item['source']}/{item['path']}: {item['reason']}")

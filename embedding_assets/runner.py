@@ -30,13 +30,25 @@ def ensure_partitions(instance: dg.DagsterInstance, names: list[str]) -> None:
 
 
 def materialize_source(
-    defs: dg.Definitions, instance: dg.DagsterInstance, source: str, *, allow_empty: bool = False, quiet: bool = True
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    source: str,
+    *,
+    allow_empty: bool = False,
+    quiet: bool = True,
+    op_config: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run stages 1-6 for one source; returns {asset: metadata}. Raises RunFailed."""
+    """Run stages 1-6 for one source; returns {asset: metadata}. Raises RunFailed.
+
+    ``op_config`` sets asset config by asset name, e.g. ``{"chunks": {"chunk_tokens": 120}}``.
+    """
     ensure_partitions(instance, [source])
     run_config: dict[str, Any] = dict(QUIET) if quiet else {}
+    ops = {name: {"config": config} for name, config in (op_config or {}).items()}
     if allow_empty:
-        run_config["ops"] = {"raw_documents": {"config": {"allow_empty": True}}}
+        ops.setdefault("raw_documents", {"config": {}})["config"]["allow_empty"] = True
+    if ops:
+        run_config["ops"] = ops
     return _execute(defs.resolve_job_def("ingest_source"), instance, run_config, partition_key=source)
 
 
@@ -53,8 +65,8 @@ def materialize_index(
 def _execute(job, instance, run_config, partition_key: str | None = None) -> dict[str, dict[str, Any]]:
     try:
         result = job.execute_in_process(instance=instance, run_config=run_config, partition_key=partition_key)
-    except dg.DagsterExecutionStepExecutionError as exc:
-        cause = exc.user_exception or exc
+    except Exception as exc:  # noqa: BLE001 - execute_in_process re-raises the user code's own exception
+        cause = getattr(exc, "user_exception", None) or exc
         where = f" (source {partition_key})" if partition_key else ""
         raise RunFailed(f"{type(cause).__name__}{where}: {cause}", cause) from exc
     return materializations(result)
@@ -69,3 +81,24 @@ def materializations(result) -> dict[str, dict[str, Any]]:
             key.removeprefix("dagster/"): value.value for key, value in mat.metadata.items()
         }
     return out
+
+
+def source_summary(assets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run report users know, from one source's materializations: documents and chunks
+    added/updated/unchanged/deleted, chunks embedded by the model, cache hits per tier, seconds per stage."""
+    raw = assets.get("raw_documents", {})
+    chunks = assets.get("chunks", {})
+    emb = assets.get("embeddings", {})
+    return {
+        "documents": {k: raw.get(k, 0) for k in ("added", "updated", "unchanged", "deleted", "renamed", "skipped")},
+        "chunks": {
+            "added": chunks.get("chunks_added", 0),
+            "removed": chunks.get("chunks_removed", 0),
+            "unchanged": chunks.get("chunks_unchanged", 0),
+        },
+        "quarantined": assets.get("cleaned_documents", {}).get("quarantined", 0),
+        "embedded_by_model": emb.get("embedded_by_model", 0),
+        "cache_hits": {tier: emb.get(f"cache_hits_{tier}", 0) for tier in ("lru", "redis", "disk")},
+        "redis_status": emb.get("redis_status"),
+        "seconds": {asset: meta.get("seconds") for asset, meta in assets.items()},
+    }

@@ -157,7 +157,8 @@ def test_cli_materialize_and_search_json(tmp_path):
     done = subprocess.run([*cli, "materialize", "--json"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["sources"]["alpha"]["raw_documents"]["added"] == 2
+    assert report["sources"]["alpha"]["assets"]["raw_documents"]["added"] == 2
+    assert report["sources"]["alpha"]["summary"]["documents"]["added"] == 2
     assert report["index"]["row_count"] >= 2
     found = subprocess.run(
         [*cli, "search", "king and pawn opposition", "--k", "2", "--json"], env=env, capture_output=True, text=True, timeout=300

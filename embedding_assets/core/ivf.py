@@ -289,3 +289,56 @@ def read_index(path: str | os.PathLike) -> faiss.Index:
     if not path.is_file():
         raise FileNotFoundError(f"no FAISS index at {path}")
     return faiss.read_index(str(path))
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove vectors by int64 id (IVF or IDMap2); returns how many were removed."""
+    ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
+    if ids.size == 0:
+        return 0
+    return int(index.remove_ids(faiss.IDSelectorBatch(ids)))
+
+
+def centroid_similarity(index: faiss.Index, vectors: np.ndarray) -> float | None:
+    """Mean inner product of ``vectors`` to their nearest IVF centroid; None for a flat index.
+
+    Compared with the value measured on the training sample, it tells whether new data still
+    fits the trained quantizer (data drift lowers it).
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or len(vectors) == 0:
+        return None
+    similarity, _ = ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return float(np.mean(similarity))
+
+
+def retrain_reason(
+    *,
+    nlist: int,
+    trained_count: int,
+    live_count: int,
+    flat_would_be_ivf: bool,
+    trained_similarity: float | None,
+    added_similarity: float | None,
+    max_growth: float = 2.0,
+    min_similarity_ratio: float = 0.9,
+) -> str | None:
+    """Why the published index must be retrained before vectors are added, or None if it still fits.
+
+    A flat index never needs training, until the corpus grows past the flat threshold. An IVF
+    index is retrained when the corpus grew past ``max_growth`` times (or shrank below 1/``max_growth``
+    of) the count it was trained on, or when the added vectors sit clearly farther from their
+    centroids than the training sample did (drift).
+    """
+    if nlist == 0:
+        return "the corpus grew past the flat-index threshold" if flat_would_be_ivf else None
+    if live_count > max_growth * trained_count:
+        return f"{live_count} vectors > {max_growth:g}x the {trained_count} the quantizer was trained on"
+    if live_count * max_growth < trained_count:
+        return f"{live_count} vectors < 1/{max_growth:g} of the {trained_count} the quantizer was trained on"
+    if trained_similarity and added_similarity is not None and added_similarity < min_similarity_ratio * trained_similarity:
+        return (
+            f"drift: added vectors are {added_similarity:.3f} similar to their centroids, "
+            f"training vectors {trained_similarity:.3f}"
+        )
+    return None

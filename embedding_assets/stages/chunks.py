@@ -126,7 +126,6 @@ def chunk_source(
         new_ids = set(rows["chunk_id"])
         report.chunks_added += len(new_ids - old_ids)
         report.chunks_removed += len(old_ids - new_ids)
-        report.chunks_unchanged += len(new_ids & old_ids)
         report.documents_chunked += len(marks)
         with warehouse.connect() as con:
             con.execute("DELETE FROM chunks WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
@@ -149,6 +148,7 @@ def chunk_source(
         "SELECT count(*), coalesce(max(token_count), 0) FROM chunks WHERE source = ?", [source]
     )[0]
     report.max_token_count = max(report.max_token_count, max_tokens_seen)
+    report.chunks_unchanged = report.live_chunks - report.chunks_added
     report.seconds = time.perf_counter() - started
     return report
 

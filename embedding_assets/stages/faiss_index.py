@@ -1,9 +1,17 @@
 """Stage 7, ``faiss_index``: one IVF index over every partition's canonical vectors, published atomically.
 
-Three streaming passes over the vectors (ordered by vector id): collect the training and query
-samples, add every vector, compute exact top-k for the queries. Then nprobe is tuned to the recall
-target and the version is published through the index store; the previous version stays current
-until the new one is complete.
+Lifecycle of the index:
+
+- **unchanged**: the live vector ids equal the published ones and the settings match: nothing is
+  written, the published version stays.
+- **incremental**: the published index still fits (same model and factory template, the count has not
+  grown past 2x what the quantizer was trained on, added vectors are not drifting away from the
+  centroids): removed ids go out with ``remove_ids``, new vectors go in with ``add_with_ids``, no retraining.
+- **full**: otherwise the index is trained again from a fresh sample and every vector is added.
+
+Either way nprobe is re-tuned against exact search, and the new version is published through the
+index store; the previous version stays current and loadable until the new one is complete.
+The published version keeps its sorted vector ids (``ids.npy``) so the next build can diff against them.
 """
 
 from __future__ import annotations
@@ -19,9 +27,14 @@ from embedding_assets.core.ivf import (
     IndexBuildError,
     add_vectors,
     build_index,
+    centroid_similarity,
+    choose_nlist,
     exact_top_k,
     factory_string,
     ivf_nlist,
+    read_index,
+    remove_ids,
+    retrain_reason,
     sample_rows,
     tune_nprobe,
     write_index,
@@ -35,6 +48,7 @@ _LIVE_VECTORS = """
     FROM embeddings e JOIN chunk_dedup x USING (chunk_id) JOIN chunks k USING (chunk_id)
     WHERE e.model_fingerprint = ? AND x.status = 'canonical'"""
 MAX_TRAINING_POINTS_PER_CENTROID = 256
+FETCH_BATCH = 8192
 
 
 @dataclass(frozen=True)
@@ -44,12 +58,17 @@ class IndexSettings:
     recall_k: int = 10
     recall_queries: int = 200
     min_nlist: int = 8
+    max_growth: float = 2.0  # retrain when the corpus grows past this multiple of the trained count
 
 
 @dataclass
 class IndexReport:
+    mode: str = ""  # unchanged | incremental | full
+    retrain_reason: str = ""
     version: str = ""
     count: int = 0
+    added: int = 0
+    removed: int = 0
     dimension: int = 0
     factory: str = ""
     nlist: int = 0
@@ -90,36 +109,78 @@ def build_and_publish(
             f"not every live chunk has a vector of model {model_fingerprint} ({detail}); "
             "materialize embeddings for those sources first"
         )
-    n, distinct = warehouse.query_rows(f"SELECT count(*), count(DISTINCT e.vector_id) {_LIVE_VECTORS}", [model_fingerprint])[0]
+    live_ids = _live_ids(warehouse, model_fingerprint)
+    n = len(live_ids)
     if n == 0:
         raise IndexBuildError("no vectors to index: materialize at least one source first")
-    if distinct != n:
-        raise IndexBuildError(f"{n - distinct} vector id collisions among {n} chunks; report this as a bug")
-    factory = factory_string(n, settings.factory_template, min_nlist=settings.min_nlist)
-    nlist = _nlist_of(factory)
-    training_size = min(n, MAX_TRAINING_POINTS_PER_CENTROID * nlist) if nlist else 0
-    if nlist and training_size < MIN_POINTS_PER_CENTROID * nlist:
-        raise IndexBuildError(f"{n} vectors cannot train {nlist} lists (need {MIN_POINTS_PER_CENTROID} per list)")
-    train_positions = sample_rows(n, training_size, seed=0)
-    query_positions = sample_rows(n, min(n, settings.recall_queries), seed=1)
+    if len(np.unique(live_ids)) != n:
+        raise IndexBuildError(f"vector id collisions among {n} chunks; report this as a bug")
+    report = IndexReport(dimension=dimension, count=n)
+    current = index_store.current()
+    plan = _plan(current, live_ids, model_fingerprint, dimension, settings)
 
-    training, queries = _collect_rows(warehouse, model_fingerprint, [train_positions, query_positions], dimension)
-    index = build_index(factory, dimension, training)
-    added = 0
-    for ids, vectors in _stream(warehouse, model_fingerprint, dimension):
-        add_vectors(index, ids, vectors)
-        added += len(ids)
-        progress("faiss_index", added, n, "vectors")
+    if plan.mode == "unchanged":
+        report.mode = "unchanged"
+        m = current.manifest
+        report.version, report.factory, report.nlist, report.nprobe = current.version, m["factory"], m["nlist"], m["nprobe"]
+        report.recall_at_k, report.training_points = m["recall_at_k"], m.get("training_points", 0)
+        report.index_bytes = current.index_file.stat().st_size
+        report.seconds = time.perf_counter() - started
+        return report, current
+
+    index = None
+    trained_count = trained_similarity = None
+    if plan.mode == "incremental":
+        index = read_index(current.index_file)
+        added_vectors = _fetch(warehouse, model_fingerprint, plan.added, dimension)
+        reason = retrain_reason(
+            nlist=ivf_nlist(index),
+            trained_count=int(current.manifest["trained_count"]),
+            live_count=n,
+            flat_would_be_ivf=choose_nlist(n, min_nlist=settings.min_nlist) > 0,
+            trained_similarity=current.manifest.get("trained_similarity"),
+            added_similarity=centroid_similarity(index, added_vectors),
+            max_growth=settings.max_growth,
+        )
+        if reason is None:
+            report.removed = remove_ids(index, plan.removed)
+            if len(plan.added):
+                add_vectors(index, plan.added, added_vectors)
+            report.added = len(plan.added)
+            report.mode = "incremental"
+            trained_count = int(current.manifest["trained_count"])
+            trained_similarity = current.manifest.get("trained_similarity")
+            report.factory = current.manifest["factory"]
+            report.training_points = int(current.manifest.get("training_points", 0))
+        else:
+            index, plan.reason = None, reason
+    if index is None:
+        report.mode, report.retrain_reason = "full", plan.reason
+        report.factory = factory_string(n, settings.factory_template, min_nlist=settings.min_nlist)
+        nlist = _nlist_of(report.factory)
+        training_size = min(n, MAX_TRAINING_POINTS_PER_CENTROID * nlist) if nlist else 0
+        if nlist and training_size < MIN_POINTS_PER_CENTROID * nlist:
+            raise IndexBuildError(f"{n} vectors cannot train {nlist} lists (need {MIN_POINTS_PER_CENTROID} per list)")
+        training = _fetch(warehouse, model_fingerprint, live_ids[sample_rows(n, training_size, seed=0)], dimension)
+        index = build_index(report.factory, dimension, training)
+        trained_count, trained_similarity = n, centroid_similarity(index, training)
+        report.training_points = len(training)
+        report.added = n
+        for ids, vectors in _stream(warehouse, model_fingerprint, dimension):
+            add_vectors(index, ids, vectors)
+            progress("faiss_index", int(index.ntotal), n, "vectors")
+    if int(index.ntotal) != n:
+        raise IndexBuildError(f"index holds {index.ntotal} vectors but {n} chunks are live; refusing to publish")
+
+    queries = _fetch(warehouse, model_fingerprint, live_ids[sample_rows(n, min(n, settings.recall_queries), seed=1)], dimension)
     k = min(settings.recall_k, n)
     truth = exact_top_k(queries, _stream(warehouse, model_fingerprint, dimension), k)
-    nprobe, recall = tune_nprobe(index, queries, truth, k=k, target_recall=settings.target_recall)
+    report.nprobe, report.recall_at_k = tune_nprobe(index, queries, truth, k=k, target_recall=settings.target_recall)
+    report.nlist = ivf_nlist(index)
 
-    report = IndexReport(
-        count=int(index.ntotal), dimension=dimension, factory=factory, nlist=ivf_nlist(index),
-        nprobe=nprobe, recall_at_k=recall, training_points=len(training),
-    )
     with index_store.new_version() as scratch:
         write_index(index, scratch / "index.faiss")
+        np.save(scratch / "ids.npy", live_ids)
         report.index_bytes = (scratch / "index.faiss").stat().st_size
         published = index_store.publish(
             scratch,
@@ -127,15 +188,21 @@ def build_and_publish(
                 "model_fingerprint": model_fingerprint,
                 "dimension": dimension,
                 "metric": "inner_product",
-                "factory": factory,
+                "factory": report.factory,
+                "factory_template": settings.factory_template,
+                "min_nlist": settings.min_nlist,
                 "nlist": report.nlist,
-                "nprobe": nprobe,
-                "count": report.count,
-                "recall_at_k": recall,
+                "nprobe": report.nprobe,
+                "count": n,
+                "recall_at_k": report.recall_at_k,
                 "recall_k": k,
                 "target_recall": settings.target_recall,
+                "recall_queries": settings.recall_queries,
                 "training_points": report.training_points,
-                "ids": "int64 vector_id = first 63 bits of chunk_id (chunks.vector_id)",
+                "trained_count": trained_count,
+                "trained_similarity": trained_similarity,
+                "build_mode": report.mode,
+                "ids": "ids.npy: sorted int64 vector ids = first 63 bits of chunk_id (chunks.vector_id)",
             },
         )
     report.version = published.version
@@ -143,31 +210,75 @@ def build_and_publish(
     return report, published
 
 
+@dataclass
+class _Plan:
+    mode: str  # unchanged | incremental | full
+    reason: str = ""
+    added: np.ndarray | None = None
+    removed: np.ndarray | None = None
+
+
+def _plan(current: PublishedIndex | None, live_ids: np.ndarray, fingerprint: str, dimension: int, settings: IndexSettings) -> _Plan:
+    if current is None:
+        return _Plan("full", "no index published yet")
+    m = current.manifest
+    for key, want in (
+        ("model_fingerprint", fingerprint),
+        ("dimension", dimension),
+        ("factory_template", settings.factory_template),
+        ("min_nlist", settings.min_nlist),
+    ):
+        if m.get(key) != want:
+            return _Plan("full", f"{key} changed ({m.get(key)} -> {want})")
+    ids_file = current.path / "ids.npy"
+    if not ids_file.exists() or m.get("trained_count") is None:
+        return _Plan("full", "published index has no id list")
+    old_ids = np.load(ids_file)
+    added = np.setdiff1d(live_ids, old_ids, assume_unique=True)
+    removed = np.setdiff1d(old_ids, live_ids, assume_unique=True)
+    same_tuning = (m.get("target_recall"), m.get("recall_k"), m.get("recall_queries")) == (
+        settings.target_recall, min(settings.recall_k, len(live_ids)), settings.recall_queries,
+    )
+    if not len(added) and not len(removed) and same_tuning:
+        return _Plan("unchanged")
+    return _Plan("incremental", added=added, removed=removed)
+
+
 def _nlist_of(factory: str) -> int:
     head = factory.split(",")[0]
     return int(head[3:]) if head.startswith("IVF") and head[3:].isdigit() else 0
 
 
+def _live_ids(warehouse: WarehouseResource, model_fingerprint: str) -> np.ndarray:
+    parts = [
+        batch.column(0).to_numpy().astype(np.int64)
+        for batch in warehouse.stream_arrow(
+            f"SELECT e.vector_id {_LIVE_VECTORS} ORDER BY e.vector_id", [model_fingerprint], batch_rows=65536
+        )
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def _stream(warehouse: WarehouseResource, model_fingerprint: str, dimension: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for batch in warehouse.stream_arrow(
-        f"SELECT e.vector_id, e.vector {_LIVE_VECTORS} ORDER BY e.vector_id", [model_fingerprint], batch_rows=8192
+        f"SELECT e.vector_id, e.vector {_LIVE_VECTORS} ORDER BY e.vector_id", [model_fingerprint], batch_rows=FETCH_BATCH
     ):
-        ids = batch.column(0).to_numpy().astype(np.int64)
-        yield ids, arrow_to_vectors(batch.column(1), dimension)
+        yield batch.column(0).to_numpy().astype(np.int64), arrow_to_vectors(batch.column(1), dimension)
 
 
-def _collect_rows(warehouse, model_fingerprint: str, position_sets: list[np.ndarray], dimension: int) -> list[np.ndarray]:
-    """Vectors at the given row positions (each set sorted), in one streaming pass."""
-    out = [np.empty((len(p), dimension), dtype=np.float32) for p in position_sets]
-    cursor = [0] * len(position_sets)
-    offset = 0
-    for _, vectors in _stream(warehouse, model_fingerprint, dimension):
-        end = offset + len(vectors)
-        for s, positions in enumerate(position_sets):
-            lo = cursor[s]
-            hi = int(np.searchsorted(positions, end))
-            if hi > lo:
-                out[s][lo:hi] = vectors[positions[lo:hi] - offset]
-                cursor[s] = hi
-        offset = end
+def _fetch(warehouse: WarehouseResource, model_fingerprint: str, ids: np.ndarray, dimension: int) -> np.ndarray:
+    """Vectors of the given vector ids, in the order given."""
+    out = np.empty((len(ids), dimension), dtype=np.float32)
+    position = {int(v): i for i, v in enumerate(ids)}
+    for start in range(0, len(ids), FETCH_BATCH):
+        chunk = [int(v) for v in ids[start : start + FETCH_BATCH]]
+        with warehouse.connect(read_only=True) as con:
+            table = con.sql(
+                "SELECT vector_id, vector FROM embeddings WHERE model_fingerprint = ? "
+                "AND vector_id IN (SELECT unnest(?::BIGINT[]))",
+                params=[model_fingerprint, chunk],
+            ).to_arrow_table()
+        vectors = arrow_to_vectors(table.column("vector"), dimension)
+        for vid, vector in zip(table.column("vector_id").to_pylist(), vectors):
+            out[position[vid]] = vector
     return out

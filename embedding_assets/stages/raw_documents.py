@@ -138,9 +138,12 @@ def ingest_source(
                 [source, gone],
             )
     report.deleted = len(gone)
+    stored_skips = set(warehouse.query_rows("SELECT relative_path, reason FROM skipped_files WHERE source = ?", [source]))
+    skips_changed = stored_skips != {(s.relative_path, s.reason) for s in report.skipped}
     with warehouse.connect() as con:
-        con.execute("DELETE FROM skipped_files WHERE source = ?", [source])
-        if report.skipped:
+        if skips_changed:
+            con.execute("DELETE FROM skipped_files WHERE source = ?", [source])
+        if skips_changed and report.skipped:
             insert_arrow(
                 con,
                 "skipped_files",
