@@ -105,7 +105,7 @@ def _materialize(args) -> int:
             report["sources"][name] = {"summary": source_summary(assets), "assets": assets}
         if not args.no_index:
             print("index", file=out)
-            report["index"] = materialize_index(defs, instance)
+            report["index"] = materialize_index(defs, instance, skip_if_current=True)
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -53,9 +53,27 @@ def materialize_source(
 
 
 def materialize_index(
-    defs: dg.Definitions, instance: dg.DagsterInstance, *, quiet: bool = True, index_config: dict | None = None
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    *,
+    quiet: bool = True,
+    index_config: dict | None = None,
+    skip_if_current: bool = False,
 ) -> dict[str, Any]:
-    """Build and publish the index; returns the faiss_index metadata. Raises RunFailed."""
+    """Build and publish the index; returns the faiss_index metadata. Raises RunFailed.
+
+    With ``skip_if_current``, no run is launched when the published index already holds exactly the
+    live vectors with the same model and settings; the published manifest is returned instead.
+    """
+    if skip_if_current:
+        published = _current_index_if_unchanged(defs, index_config or {})
+        if published is not None:
+            m = published.manifest
+            return {
+                "build_mode": "unchanged", "run_skipped": True, "version": published.version,
+                "row_count": m["count"], "factory": m["factory"], "nlist": m["nlist"], "nprobe": m["nprobe"],
+                "recall_at_10": m["recall_at_k"], "vectors_added": 0, "vectors_removed": 0, "seconds": 0.0,
+            }
     run_config: dict[str, Any] = dict(QUIET) if quiet else {}
     if index_config:
         run_config["ops"] = {"faiss_index": {"config": index_config}}
@@ -102,3 +120,22 @@ def source_summary(assets: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "redis_status": emb.get("redis_status"),
         "seconds": {asset: meta.get("seconds") for asset, meta in assets.items()},
     }
+
+
+def _current_index_if_unchanged(defs: dg.Definitions, index_config: dict):
+    from embedding_assets.assets import IndexConfig
+    from embedding_assets.stages.faiss_index import IndexSettings, current_if_unchanged
+
+    resources = defs.resources
+    config = IndexConfig(**index_config)
+    model = resources["model"]
+    return current_if_unchanged(
+        resources["warehouse"],
+        resources["index_store"],
+        model_fingerprint=model.model_fingerprint(),
+        dimension=model.dimension(),
+        settings=IndexSettings(
+            factory_template=config.factory_template, target_recall=config.target_recall,
+            recall_queries=config.recall_queries, min_nlist=config.min_nlist,
+        ),
+    )

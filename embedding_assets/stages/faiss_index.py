@@ -92,6 +92,27 @@ def missing_vectors(warehouse: WarehouseResource, model_fingerprint: str) -> dic
     )
 
 
+def current_if_unchanged(
+    warehouse: WarehouseResource,
+    index_store: IndexStoreResource,
+    *,
+    model_fingerprint: str,
+    dimension: int,
+    settings: IndexSettings,
+) -> PublishedIndex | None:
+    """The published index when a build would change nothing (same live ids, model and settings), else None.
+
+    Cheap (one id query): lets an orchestrator skip launching a no-op index run.
+    """
+    current = index_store.current()
+    if current is None or missing_vectors(warehouse, model_fingerprint):
+        return None
+    live_ids = _live_ids(warehouse, model_fingerprint)
+    if not len(live_ids):
+        return None
+    return current if _plan(current, live_ids, model_fingerprint, dimension, settings).mode == "unchanged" else None
+
+
 def build_and_publish(
     warehouse: WarehouseResource,
     index_store: IndexStoreResource,
