@@ -170,3 +170,26 @@ def test_cli_materialize_and_search_json(tmp_path):
     # The run is in the same instance the UI reads.
     with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as inst:
         assert len(inst.get_runs()) == 2
+
+
+def test_redis_tier_shares_vectors_with_another_process(tmp_path, instance, redis_server):
+    """A run in this process fills Redis; a CLI run in another process with an empty home embeds nothing."""
+    first = make_pipeline(tmp_path / "first", instance, redis_url=redis_server.url)
+    report = first.run_source("alpha")
+    embedded = report["embeddings"]["embedded_by_model"]
+    assert embedded > 0 and report["embeddings"]["redis_status"] == "ok"
+    env = {
+        **os.environ,
+        "EMBEDDING_HOME": str(tmp_path / "second-home"),
+        "EMBEDDING_SOURCES_DIR": str(first.sources_root),
+        "DAGSTER_HOME": str(tmp_path / "second-dagster"),
+        "EMBEDDING_REDIS_URL": redis_server.url,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "embedding_assets.cli", "materialize", "--source", "alpha", "--json"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)["sources"]["alpha"]["summary"]
+    assert summary["embedded_by_model"] == 0
+    assert summary["cache_hits"]["redis"] == embedded and summary["cache_hits"]["disk"] == 0
