@@ -25,13 +25,14 @@ run: $(STAMP)
 	$(BIN)/embedding-pipeline materialize
 	$(BIN)/embedding-pipeline search "how do I descale the coffee machine" --k 3
 
-## Install what the tests need (redis-server included) and run the whole suite.
+## Install what the tests need (redis-server, chromium for the browser test) and run the whole suite.
 test: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q
 
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

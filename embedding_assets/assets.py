@@ -6,9 +6,25 @@ never in Dagster's pickling IO manager, so nothing big travels between steps.
 """
 
 
+from collections.abc import Iterator
+
 import dagster as dg
 from pydantic import Field
 
+from embedding_assets.checks import (
+    GatedIndexStore,
+    QualityGateError,
+    chunk_gates,
+    corpus_shares,
+    failed_blocking,
+    index_gates,
+    outcomes_table,
+    previous_dedup_ratio,
+    quality_check_specs,
+    to_check_result,
+    vector_gates,
+    warning_checks,
+)
 from embedding_assets.core.chunking import ChunkingSettings, max_chunk_tokens
 from embedding_assets.core.dedup import MinHashSettings
 from embedding_assets.partitions import sources_partitions
@@ -135,7 +151,7 @@ def chunks(
         metadata={
             "dagster/row_count": r.live_chunks,
             "documents_chunked": r.documents_chunked, "documents_unchanged": r.documents_unchanged,
-            "chunks_added": r.chunks_added, "chunks_removed": r.chunks_removed,
+            "chunks_added": r.chunks_added, "chunks_removed": r.chunks_removed, "chunks_unchanged": r.chunks_unchanged,
             "tokens_chunked": r.tokens, "max_token_count": r.max_token_count, "token_limit": max_tokens,
             "seconds": round(r.seconds, 3),
         }
@@ -192,6 +208,14 @@ def embeddings(
             "redis_status": r.redis_status, "vectors_removed": r.removed,
             "chunks_per_second": round(r.chunks_per_second, 2), "padding_waste": round(r.padding_waste, 4),
             "seconds": round(r.seconds, 3),
+            "summary": dg.MetadataValue.md(_table(["metric", "value"], [
+                ("live vectors", r.live_vectors), ("embedded by the model", r.embedded_by_model),
+                ("tokens embedded", r.tokens_embedded), ("cache hits (lru / redis / disk)",
+                 " / ".join(str(r.cache_hits.get(t, 0)) for t in ("lru", "redis", "disk"))),
+                ("cache hit rate", f"{hits / looked_up:.1%}" if looked_up else "n/a (nothing to embed)"),
+                ("vectors removed", r.removed), ("chunks per second", round(r.chunks_per_second, 2)),
+                ("seconds", round(r.seconds, 3)),
+            ])),
         }
     )
 
@@ -223,7 +247,12 @@ def quantized_embeddings(
     deps=[quantized_embeddings],
     group_name=GROUP,
     kinds={"faiss"},
-    description="FAISS IVF index over every source's canonical vectors (flat when small), nprobe tuned to the recall target against exact search, published atomically with a manifest.",
+    check_specs=quality_check_specs(),
+    description=(
+        "FAISS IVF index over every source's canonical vectors (flat when small), nprobe tuned to the recall target "
+        "against exact search, published atomically with a manifest. Blocking quality gates (asset checks) run before "
+        "publishing: when one fails the run fails and the previous version stays current."
+    ),
 )
 def faiss_index(
     context: dg.AssetExecutionContext,
@@ -231,18 +260,46 @@ def faiss_index(
     warehouse: WarehouseResource,
     index_store: IndexStoreResource,
     model: EmbeddingModelResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     settings = IndexSettings(
         factory_template=config.factory_template, target_recall=config.target_recall,
         recall_queries=config.recall_queries, min_nlist=config.min_nlist,
     )
-    r, published = build_and_publish(
-        warehouse, index_store, model_fingerprint=model.model_fingerprint(), dimension=model.dimension(),
-        settings=settings, progress=for_context(context),
+    fingerprint, dimension = model.model_fingerprint(), model.dimension()
+    # Gates on the inputs run before anything is built; gates on the built index run inside publish.
+    shares = corpus_shares(warehouse)
+    warnings = warning_checks(shares, previous_dedup_ratio=previous_dedup_ratio(context.instance))
+    before = vector_gates(warehouse, model_fingerprint=fingerprint, dimension=dimension) + chunk_gates(
+        warehouse, max_tokens=max_chunk_tokens(model.tokenizer(), model.effective_max_seq_length())
     )
-    return dg.MaterializeResult(
+    if failed_blocking(before):
+        yield from (to_check_result(o) for o in before + warnings)
+        raise QualityGateError(before)
+    gated_store = GatedIndexStore(index_store, warehouse)
+    try:
+        r, published = build_and_publish(
+            warehouse, gated_store, model_fingerprint=fingerprint, dimension=dimension,
+            settings=settings, progress=for_context(context),
+        )
+    except QualityGateError as exc:
+        yield from (to_check_result(o) for o in before + exc.outcomes + warnings)
+        raise
+    # An unchanged index is not published again; its gates are read from the kept version's manifest.
+    outcomes = before + (gated_store.outcomes or index_gates(warehouse, published.manifest)) + warnings
+    summary = {
+        "vectors": r.count, "build mode": r.mode, "factory": r.factory, "nprobe": r.nprobe,
+        "recall@10": f"{r.recall_at_k:.4f} (target {settings.target_recall})", "index bytes": r.index_bytes,
+        "duplicate share": f"{shares.dedup_ratio:.3f}", "seconds": round(r.seconds, 3),
+    }
+    yield dg.MaterializeResult(
+        check_results=[to_check_result(o) for o in outcomes],
         metadata={
+            "summary": dg.MetadataValue.md(_table(["metric", "value"], summary.items()) + "\n\n" + outcomes_table(outcomes)),
+            "bytes_per_vector": round(r.index_bytes / r.count, 2) if r.count else 0.0,
+            "dedup_ratio": round(shares.dedup_ratio, 4), "documents": shares.documents,
+            "quarantined": shares.quarantined, "skipped": shares.skipped,
             "dagster/row_count": r.count,
+            "build_mode": r.mode, "retrain_reason": r.retrain_reason, "vectors_added": r.added, "vectors_removed": r.removed,
             "version": r.version, "path": str(published.path), "factory": r.factory,
             "nlist": r.nlist, "nprobe": r.nprobe, "recall_at_10": round(r.recall_at_k, 4),
             "training_points": r.training_points, "index_bytes": r.index_bytes, "dimension": r.dimension,

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
     find.add_argument("--json", action="store_true", help="one JSON object per hit")
     sub.add_parser("sources", help="list the sources found under EMBEDDING_SOURCES_DIR")
+    rm = sub.add_parser("remove-source", help="delete a removed source's partition, rows and vectors")
+    rm.add_argument("name")
+    rm.add_argument("--no-index", action="store_true", help="skip rebuilding the index afterwards")
     args = parser.parse_args(argv)
     _ensure_dagster_home()
     try:
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             return _materialize(args)
         if args.command == "search":
             return _search(args)
+        if args.command == "remove-source":
+            return _remove_source(args)
         return _sources()
     except KeyboardInterrupt:
         return 130
@@ -154,6 +159,35 @@ def _print_summary(report: dict[str, Any]) -> None:
     for item in report.get("quarantine", []):
         print(f"  {item['kind']}: {item['source']}/{item['path']}: {item['reason']}")
     print(f"done in {report['seconds']:.1f} s")
+
+
+def _remove_source(args) -> int:
+    import dagster as dg
+
+    from embedding_assets.definitions import defs
+    from embedding_assets.runner import RunFailed, materialize_index
+    from embedding_assets.settings import sources_dir
+    from embedding_assets.stages.remove_source import SourceRemovalError, remove_source
+
+    instance = dg.DagsterInstance.get()
+    try:
+        report = remove_source(defs.resources["warehouse"], instance, args.name, sources_root=sources_dir())
+    except (SourceRemovalError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    deleted = sum(report.rows_deleted.values())
+    print(f"removed source {args.name}: {deleted} rows, partition deleted: {report.partition_deleted}")
+    if report.sources_to_rerun:
+        print(f"  {report.orphaned_duplicates} duplicates of its chunks in {', '.join(report.sources_to_rerun)} "
+              "become canonical at the next materialize of any source")
+    if not args.no_index:
+        try:
+            index = materialize_index(defs, instance)
+        except RunFailed as exc:
+            print(f"error: index not rebuilt: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"index {index['version']}: {index['row_count']} vectors")
+    return 0
 
 
 def _search(args) -> int:

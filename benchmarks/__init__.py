@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.run [--quick]`` (performance, issue 5) and ``python -m benchmarks.incremental``."""

@@ -1,0 +1,87 @@
+"""EmbeddingModelResource: batch planning, identity (fingerprint), device choice, configuration errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resources.model import EmbeddingModelResource, ModelConfigError, plan_batches
+
+
+# --------------------------------------------------------------------------- plan_batches
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=600), min_size=0, max_size=300),
+    budget=st.integers(min_value=1, max_value=20_000),
+    max_batch=st.integers(min_value=1, max_value=256),
+)
+def test_plan_batches_covers_every_position_once_within_budget(lengths, budget, max_batch):
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches = plan_batches(lengths, budget, max_batch)
+    positions = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    assert sorted(positions.tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        assert 1 <= len(batch) <= max_batch
+        padded = int(lengths[batch].max()) * len(batch)
+        # Only a single text longer than the whole budget may exceed it, alone in its batch.
+        assert padded <= budget or (len(batch) == 1 and lengths[batch[0]] > budget)
+
+
+def test_plan_batches_sorts_by_length_so_padding_is_small():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 256, size=1000)
+    batches = plan_batches(lengths, 8192, 128)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    naive = sum(int(lengths[i : i + 64].max()) * len(lengths[i : i + 64]) for i in range(0, 1000, 64))
+    assert 1 - lengths.sum() / padded < 0.06  # ~32 texts per batch over a 236-token spread
+    assert padded < 0.7 * naive
+
+
+def test_plan_batches_rejects_a_zero_budget_naming_the_setting():
+    with pytest.raises(ModelConfigError, match="EMBEDDING_TOKEN_BUDGET"):
+        plan_batches(np.asarray([3, 4]), 0, 8)
+
+
+# --------------------------------------------------------------------------- identity and settings
+
+def test_fingerprint_changes_with_dtype_and_max_seq_length():
+    prints = {
+        EmbeddingModelResource(dtype="float32").model_fingerprint(),
+        EmbeddingModelResource(dtype="bfloat16").model_fingerprint(),
+        EmbeddingModelResource(dtype="bfloat16-autocast").model_fingerprint(),
+        EmbeddingModelResource(dtype="float32", max_seq_length=128).model_fingerprint(),
+    }
+    assert len(prints) == 4
+    # Settings that do not change vectors keep the fingerprint (cache hits survive re-tuning).
+    assert (
+        EmbeddingModelResource(dtype="float32", token_budget=1024, batch_size=7, cpu_threads=1).model_fingerprint()
+        == EmbeddingModelResource(dtype="float32").model_fingerprint()
+    )
+
+
+def test_auto_device_is_cpu_here_and_auto_dtype_is_a_concrete_precision():
+    model = EmbeddingModelResource()
+    assert model.resolved_device() == "cpu"
+    assert model.resolved_dtype() in ("float32", "bfloat16")
+    assert model.model_fingerprint() == EmbeddingModelResource(dtype=model.resolved_dtype()).model_fingerprint()
+
+
+def test_unknown_dtype_is_refused_naming_the_setting():
+    with pytest.raises(ModelConfigError, match="EMBEDDING_DTYPE"):
+        EmbeddingModelResource(dtype="int4").resolved_dtype()
+
+
+def test_bad_model_path_is_refused_naming_the_setting(tmp_path):
+    with pytest.raises(ModelConfigError, match="EMBEDDING_MODEL"):
+        EmbeddingModelResource(model=str(tmp_path / "missing")).model_path()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelConfigError, match="EMBEDDING_MODEL.*not a model folder"):
+        EmbeddingModelResource(model=str(tmp_path / "empty")).model_fingerprint()
+
+
+def test_max_seq_length_too_small_is_refused_naming_the_setting():
+    with pytest.raises(ModelConfigError, match="EMBEDDING_MAX_SEQ_LENGTH"):
+        EmbeddingModelResource(max_seq_length=2).effective_max_seq_length()
