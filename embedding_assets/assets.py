@@ -79,6 +79,12 @@ class IndexConfig(dg.Config):
     recall_queries: int = Field(default=env_int("EMBEDDING_RECALL_QUERIES", 200), description="Sampled queries for recall.")
     min_nlist: int = Field(default=env_int("EMBEDDING_MIN_NLIST", 8), description="Below this many lists, build a flat index.")
 
+    def to_settings(self) -> IndexSettings:
+        return IndexSettings(
+            factory_template=self.factory_template, target_recall=self.target_recall,
+            recall_queries=self.recall_queries, min_nlist=self.min_nlist,
+        )
+
 
 @dg.asset(
     partitions_def=sources_partitions,
@@ -261,10 +267,7 @@ def faiss_index(
     index_store: IndexStoreResource,
     model: EmbeddingModelResource,
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
-    settings = IndexSettings(
-        factory_template=config.factory_template, target_recall=config.target_recall,
-        recall_queries=config.recall_queries, min_nlist=config.min_nlist,
-    )
+    settings = config.to_settings()
     fingerprint, dimension = model.model_fingerprint(), model.dimension()
     # Gates on the inputs run before anything is built; gates on the built index run inside publish.
     shares = corpus_shares(warehouse)

@@ -28,7 +28,11 @@ class RunFailed(RuntimeError):
 def ensure_partitions(instance: dg.DagsterInstance, names: list[str]) -> None:
     new = [n for n in names if not instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n)]
     if new:
-        instance.add_dynamic_partitions(SOURCES_PARTITIONS_NAME, new)
+        try:
+            instance.add_dynamic_partitions(SOURCES_PARTITIONS_NAME, new)
+        except Exception:  # another process added them between the check and the insert (unique key)
+            if not all(instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n) for n in new):
+                raise
 
 
 def materialize_source(
@@ -163,7 +167,7 @@ def source_summary(assets: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _current_index_if_unchanged(defs: dg.Definitions, index_config: dict):
     from embedding_assets.assets import IndexConfig
-    from embedding_assets.stages.faiss_index import IndexSettings, current_if_unchanged
+    from embedding_assets.stages.faiss_index import current_if_unchanged
 
     resources = defs.resources
     config = IndexConfig(**index_config)
@@ -173,8 +177,5 @@ def _current_index_if_unchanged(defs: dg.Definitions, index_config: dict):
         resources["index_store"],
         model_fingerprint=model.model_fingerprint(),
         dimension=model.dimension(),
-        settings=IndexSettings(
-            factory_template=config.factory_template, target_recall=config.target_recall,
-            recall_queries=config.recall_queries, min_nlist=config.min_nlist,
-        ),
+        settings=config.to_settings(),
     )

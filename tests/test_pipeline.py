@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,12 +141,12 @@ def test_second_materialize_with_nothing_changed_embeds_nothing(built):
     assert pipeline.rows("SELECT count(*), sum(hash(chunk_id || text)) FROM chunks") == before
 
 
-def test_cli_materialize_and_search_json(tmp_path):
-    """The console script end to end in a fresh process, with its own home and DAGSTER_HOME."""
+def test_cli_materialize_search_and_remove_source(tmp_path):
+    """The console script end to end in fresh processes, with its own home and DAGSTER_HOME."""
     sources = tmp_path / "sources"
-    (sources / "alpha").mkdir(parents=True)
-    for name in ("chess-endgames.txt", "winter-beekeeping.md"):
-        (sources / "alpha" / name).write_bytes((ROOT / "tests/fixtures/corpus/alpha" / name).read_bytes())
+    for source, name in (("alpha", "chess-endgames.txt"), ("beta", "winter-beekeeping.md")):
+        (sources / source).mkdir(parents=True)
+        (sources / source / name).write_bytes((ROOT / "tests/fixtures/corpus/alpha" / name).read_bytes())
     env = {
         **os.environ,
         "EMBEDDING_HOME": str(tmp_path / "home"),
@@ -153,23 +154,34 @@ def test_cli_materialize_and_search_json(tmp_path):
         "DAGSTER_HOME": str(tmp_path / "dagster"),
     }
     env.pop("EMBEDDING_REDIS_URL", None)
-    cli = [sys.executable, "-m", "embedding_assets.cli"]
-    done = subprocess.run([*cli, "materialize", "--json"], env=env, capture_output=True, text=True, timeout=300)
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "embedding_assets.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    done = cli("materialize", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["sources"]["alpha"]["assets"]["raw_documents"]["added"] == 2
-    assert report["sources"]["alpha"]["summary"]["documents"]["added"] == 2
+    assert report["sources"]["alpha"]["assets"]["raw_documents"]["added"] == 1
+    assert report["sources"]["beta"]["summary"]["documents"]["added"] == 1
     assert report["index"]["row_count"] >= 2
-    found = subprocess.run(
-        [*cli, "search", "king and pawn opposition", "--k", "2", "--json"], env=env, capture_output=True, text=True, timeout=300
-    )
+    found = cli("search", "king and pawn opposition", "--k", "2", "--json")
     assert found.returncode == 0, found.stderr
     hits = [json.loads(line) for line in found.stdout.splitlines()]
     assert len(hits) == 2 and {"chunk_id", "doc_path", "score", "text"} <= set(hits[0])
     assert hits[0]["doc_path"] == "chess-endgames.txt"
-    # The run is in the same instance the UI reads.
+
+    refused = cli("remove-source", "beta")  # the folder still exists: the sensor would add it back
+    assert refused.returncode != 0 and "still exists" in refused.stderr
+    shutil.rmtree(sources / "beta")
+    removed = cli("remove-source", "beta")
+    assert removed.returncode == 0, removed.stderr
+    found = cli("search", "bees in the cold months", "--k", "5", "--json")
+    assert {json.loads(line)["source"] for line in found.stdout.splitlines()} == {"alpha"}
+    # The runs are in the same instance the UI reads.
     with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as inst:
-        assert len(inst.get_runs()) == 2
+        assert len(inst.get_runs()) == 4  # two sources, the index, the index after the removal
 
 
 def test_redis_tier_shares_vectors_with_another_process(tmp_path, instance, redis_server):
