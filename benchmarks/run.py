@@ -421,7 +421,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small corpus and samples; under 5 minutes")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    parser.add_argument("--results", type=Path, help="also write the markdown report to this file")
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"),
+                        help="markdown file whose performance section (quick or full) is replaced; default benchmarks/RESULTS.md")
+    parser.add_argument("--no-results", action="store_true", help="only print, write no file")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="full mode on this fraction of the corpus (4N = fraction of the HTML bytes, N = a quarter of it)")
     parser.add_argument("--child", choices=("baseline", "ours"), help=argparse.SUPPRESS)
     parser.add_argument("--sources", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -438,12 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     pages = corpus_pages(args.corpus)
     total_bytes = sum(p.stat().st_size for p in pages)
     # quick: N = 120 kB of HTML; full: N = a quarter of the corpus, 4N = all of it.
-    small_bytes = 120_000 if quick else total_bytes // 4
-    small, large = page_prefix(pages, small_bytes), page_prefix(pages, 4 * small_bytes if quick else None)
+    small_bytes = 120_000 if quick else int(total_bytes * args.fraction) // 4
+    small = page_prefix(pages, small_bytes)
+    large = page_prefix(pages, 4 * small_bytes if quick or args.fraction < 1 else None)
     results: dict = {
         "mode": "quick" if quick else "full",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m benchmarks.run" + (" --quick" if quick else ""),
+        "command": "python -m benchmarks.run" + (" --quick" if quick else "") + (f" --fraction {args.fraction}" if args.fraction != 1 else ""),
         "machine": machine(),
         "versions": _versions(),
         "corpus": f"{args.corpus} ({len(pages)} pages, {total_bytes / 1e6:.1f} MB HTML)",
@@ -458,9 +463,9 @@ def main(argv: list[str] | None = None) -> None:
         windows = [c for c in baseline.chunk_corpus(src_large / SOURCE) if len(c.split()) == baseline.WINDOW_WORDS]
         random.Random(1).shuffle(windows)
         results["encode"] = encode_bench(
-            windows[: 48 if quick else 256], rounds=2 if quick else 3,
+            windows[: 48 if quick else 128], rounds=2 if quick else 3,
             dtypes=["float32", "bfloat16", "bfloat16-autocast", "float16"],
-            budgets=[8192, 16384] if quick else [4096, 8192, 16384, 32768],
+            budgets=[8192, 16384, 32768] if quick else [4096, 8192, 16384, 32768],
             threads=[] if quick else [1, 2],
         )
         log(json.dumps(results["encode"]["rows"], indent=None))
@@ -490,9 +495,25 @@ def main(argv: list[str] | None = None) -> None:
     results["load_after"] = os.getloadavg()[0]
     report = markdown(results)
     print(report)
-    if args.results:
-        args.results.write_text(report)
-        args.results.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    if not args.no_results:
+        write_section(args.results, f"performance-{results['mode']}", report)
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``.
+
+    Appends the block when it is missing, so other benchmarks' sections (and the quick and full
+    runs of this one) live side by side in one RESULTS.md.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    current = path.read_text() if path.exists() else ""
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        updated = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        updated = current + ("\n" if current and not current.endswith("\n") else "") + block
+    path.write_text(updated)
 
 
 def _versions() -> str:

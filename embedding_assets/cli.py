@@ -14,13 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Written into a new DAGSTER_HOME: no telemetry (this machine may have no network), and the warehouse
-# pool limited to one step at a time so parallel partitions queue instead of waiting on the lock.
+# Written into a new DAGSTER_HOME: no telemetry (this machine may have no network). No pool limit:
+# the warehouse's file lock already serializes DuckDB writers across processes, and a limit of one
+# left a run waiting for a slot a failed run never handed on.
 DAGSTER_YAML = """telemetry:
   enabled: false
-concurrency:
-  pools:
-    default_limit: 1
 """
 
 EXIT_USAGE = 2

@@ -77,8 +77,9 @@ class EmbeddingModelResource(ConfigurableResource):
     )
     batch_size: int = Field(default=128, description="Most texts per forward pass.")
     token_budget: int = Field(
-        default=8192,
-        description="Most padded tokens per forward pass; texts are sorted by length and packed up to it.",
+        default=16384,
+        description="Most padded tokens per forward pass; texts are sorted by length and packed up to it. "
+        "16384 (64 chunks of 256 tokens) measured faster than 8192 on CPU: bigger matmuls.",
     )
     cpu_threads: int = Field(
         default=0,

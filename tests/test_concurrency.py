@@ -25,13 +25,20 @@ from tests.pipeline_support import FIXTURE_CORPUS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env(tmp: Path) -> dict[str, str]:
+def _env(tmp: Path, sources: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDING_", "DAGSTER_"))}
     env.update(
-        EMBEDDING_HOME=str(tmp / "home"), EMBEDDING_SOURCES_DIR=str(tmp / "sources"),
+        EMBEDDING_HOME=str(tmp / "home"), EMBEDDING_SOURCES_DIR=str(sources),
         DAGSTER_HOME=str(tmp / "dagster"), PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def _init_instance(env: dict[str, str]) -> None:
+    """Create the Dagster instance storage first: Dagster's own SQLite schema creation is not safe
+    against two processes creating a brand-new DAGSTER_HOME at the same instant."""
+    code = "from embedding_assets.cli import _ensure_dagster_home; _ensure_dagster_home(); import dagster; dagster.DagsterInstance.get().get_runs()"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -74,12 +81,13 @@ def corpus(tmp_path_factory):
 
 
 def test_same_partition_twice_at_once(corpus):
-    env = _env(corpus / "same")
+    env = _env(corpus / "same", corpus / "sources")
+    _init_instance(env)
     a, b = _start(["--source", "alpha"], env), _start(["--source", "alpha"], env)
     results = [_finish(a), _finish(b)]
     for code, report, err in results:
         assert code == 0 or ("error:" in err and "Traceback" not in err), err[-3000:]
-    assert any(code == 0 for code, _, _ in results)
+    assert any(code == 0 for code, _, _ in results), [err[-1500:] for _, _, err in results]
     vectors = _check_consistent(env["EMBEDDING_HOME"])
     store = IndexStoreResource(home=env["EMBEDDING_HOME"])
     assert read_index(store.current().index_file).ntotal == vectors
@@ -92,7 +100,8 @@ def test_same_partition_twice_at_once(corpus):
 
 
 def test_different_partitions_at_once(corpus):
-    env = _env(corpus / "different")
+    env = _env(corpus / "different", corpus / "sources")
+    _init_instance(env)
     a, b = _start(["--source", "alpha"], env), _start(["--source", "beta"], env)
     (code_a, report_a, err_a), (code_b, report_b, err_b) = _finish(a), _finish(b)
     assert code_a == 0, err_a[-3000:]

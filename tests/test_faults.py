@@ -275,10 +275,10 @@ def test_sigkill_mid_embeddings_and_mid_index_keeps_the_published_index_and_lose
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    """A real 48 MiB tmpfs mounted for the test (needs CAP_SYS_ADMIN; skipped where mounting is not allowed)."""
+    """A real 256 MiB tmpfs mounted for the test (needs CAP_SYS_ADMIN; skipped where mounting is not allowed)."""
     mount_point = tmp_path / "mnt"
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -289,17 +289,15 @@ def tiny_tmpfs(tmp_path):
 
 def _fill(mount_point: Path) -> Path:
     ballast = mount_point / "ballast"
-    with open(ballast, "wb") as fh:
+    with open(ballast, "wb", buffering=0) as fh:  # unbuffered: ENOSPC surfaces in write, not in close
         try:
             while True:
                 fh.write(b"\0" * (1 << 20))
-                fh.flush()
         except OSError:
             pass
         try:
             while True:
                 fh.write(b"\0" * 4096)
-                fh.flush()
         except OSError:
             pass
     return ballast
@@ -342,6 +340,7 @@ def test_disk_full_and_read_only_home_fail_clearly_and_publish_nothing_half(tmp_
         published = store.current()
         before = _index_listing(store)
 
+        pipeline.resources["cache"].close()  # a file open for writing makes `remount,ro` fail (EBUSY)
         subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
         try:
             (pipeline.sources_root / "beta" / "new-note.md").write_text("# Fresh\n\nA fresh note about glaciers and ice cores.\n")
