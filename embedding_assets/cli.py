@@ -151,7 +151,9 @@ def _print_summary(report: dict[str, Any]) -> None:
         print(f"{name:<16}{docs:>16}{assets.get('chunks', {}).get('row_count', 0):>9}{dups:>7}"
               f"{emb.get('embedded_by_model', 0):>10}{hits:>12}")
     index = report.get("index")
-    if index:
+    if index and index.get("build_mode") == "deferred":
+        print(f"\nindex not rebuilt now: {index['reason']}")
+    elif index:
         print(f"\nindex {index['version']} ({index['build_mode']}): {index['row_count']} vectors, {index['factory']}, "
               f"nprobe {index['nprobe']}, recall@10 {index['recall_at_10']}")
     for item in report.get("quarantine", []):

@@ -71,6 +71,14 @@ def materialize_index(
     With ``skip_if_current``, no run is launched when the published index already holds exactly the
     live vectors with the same model and settings; the published manifest is returned instead.
     """
+    waiting_for = _sources_still_running(defs, instance)
+    if waiting_for:
+        # Another run is still embedding these sources; it builds the index when it is done, and an
+        # index built now would miss its vectors (the build refuses that).
+        return {
+            "build_mode": "deferred", "run_skipped": True,
+            "reason": f"runs still in progress for {', '.join(waiting_for)}; the last of them builds the index",
+        }
     if skip_if_current:
         published = _current_index_if_unchanged(defs, index_config or {})
         if published is not None:
@@ -179,3 +187,22 @@ def _current_index_if_unchanged(defs: dg.Definitions, index_config: dict):
         dimension=model.dimension(),
         settings=config.to_settings(),
     )
+
+
+def _sources_still_running(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
+    """Sources with chunks lacking vectors whose ingest run is still going in another live process.
+
+    Empty when nothing is missing or when anything missing has no run in progress (then the index
+    build itself fails with the reason, as it should).
+    """
+    from embedding_assets.stages.faiss_index import missing_vectors
+
+    missing = missing_vectors(defs.resources["warehouse"], defs.resources["model"].model_fingerprint())
+    if not missing:
+        return []
+    release_dead_runs(instance)
+    running = {
+        run.tags.get("dagster/partition")
+        for run in instance.get_runs(filters=dg.RunsFilter(job_name="ingest_source", statuses=_UNFINISHED))
+    }
+    return sorted(missing) if set(missing) <= running else []
