@@ -152,6 +152,11 @@ class WarehouseResource(ConfigurableResource):
             yield from reader
 
 
+def deleted_rows(con: duckdb.DuckDBPyConnection, delete_sql: str, params: list[Any] | None = None) -> int:
+    """Run a DELETE and return how many rows it removed (DuckDB answers a DELETE with its count)."""
+    return int(con.execute(delete_sql, params or []).fetchone()[0])
+
+
 def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, Any]) -> int:
     """Insert columns (name -> list / numpy / arrow array) into ``table`` in one statement."""
     batch = pa.table(columns)

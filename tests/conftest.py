@@ -112,3 +112,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_server_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerProcess]:
     """Like ``redis_server`` but with ``--requirepass``: ``.password`` holds it, ``.url`` includes it."""
     yield from _redis_server_or_skip(tmp_path_factory, password="pw-" + secrets.token_hex(8))
+
+
+# --------------------------------------------------------------------------- Dagster instance
+
+
+@pytest.fixture(scope="module")
+def instance():
+    """A temporary Dagster instance shared by one test module (runs, events, dynamic partitions)."""
+    import dagster as dg
+
+    with dg.instance_for_test() as inst:
+        yield inst

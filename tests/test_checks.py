@@ -22,12 +22,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
-@pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, instance):
     p = make_pipeline(tmp_path_factory.mktemp("checks"), instance)
     p.run_source("alpha")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 
-import dagster as dg
 import numpy as np
 import pytest
 
@@ -18,12 +17,6 @@ from tests.pipeline_support import QUERIES, make_pipeline
 
 SOURDOUGH_QUERY = next(q["query"] for q in QUERIES if "sourdough" in q["expected_path"])
 CHESS_QUERY = next(q["query"] for q in QUERIES if "chess" in q["expected_path"])
-
-
-@pytest.fixture(scope="module")
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, instance):
     """Both fixture sources materialized once, then the index; shared by the read-only tests here."""
     pipeline = make_pipeline(tmp_path_factory.mktemp("graph"), instance)

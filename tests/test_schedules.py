@@ -15,12 +15,6 @@ from resources import WarehouseResource
 NIGHT = datetime(2026, 3, 1, 3, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture(scope="module")
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
 def evaluate(schedule, instance, warehouse):
     context = dg.build_schedule_context(instance=instance, scheduled_execution_time=NIGHT, resources={"warehouse": warehouse})
     return schedule(context)

@@ -15,7 +15,7 @@ from embedding_assets.core.chunking import ChunkingSettings, chunk_document, chu
 from embedding_assets.core.cleaning import Block, CleanedDocument
 from embedding_assets.core.identity import chunk_id, text_sha256, vector_id
 from embedding_assets.stages import ProgressFn, no_progress
-from resources.warehouse import WarehouseResource, insert_arrow
+from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow
 
 BATCH_DOCUMENTS = 64
 
@@ -49,12 +49,8 @@ def chunk_source(
     fp = chunking_fingerprint(settings, tokenizer_fingerprint, max_tokens)
     with warehouse.connect() as con:
         # Chunks of documents that are gone (deleted, or quarantined after an edit) leave now.
-        report.chunks_removed += con.execute(
-            """SELECT count(*) FROM chunks k WHERE k.source = ?
-               AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = k.doc_id)""",
-            [source],
-        ).fetchone()[0]
-        con.execute(
+        report.chunks_removed += deleted_rows(
+            con,
             """DELETE FROM chunks k WHERE k.source = ?
                AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = k.doc_id)""",
             [source],

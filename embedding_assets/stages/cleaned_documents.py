@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from embedding_assets.core.cleaning import CleaningError, clean_document, cleaning_fingerprint
 from embedding_assets.core.identity import sha256_hex
 from embedding_assets.stages import ProgressFn, no_progress
-from resources.warehouse import WarehouseResource, insert_arrow
+from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow
 
 BATCH_DOCUMENTS = 64
 
@@ -130,12 +130,8 @@ def clean_source(warehouse: WarehouseResource, source: str, *, progress: Progres
 
 
 def _delete_stale(con, source: str) -> int:
-    stale = con.execute(
-        """SELECT count(*) FROM cleaned_documents c WHERE c.source = ? AND NOT EXISTS
-           (SELECT 1 FROM documents d WHERE d.doc_id = c.doc_id AND d.content_sha256 = c.content_sha256)""",
-        [source],
-    ).fetchone()[0]
-    con.execute(
+    stale = deleted_rows(
+        con,
         """DELETE FROM cleaned_documents c WHERE c.source = ? AND NOT EXISTS
            (SELECT 1 FROM documents d WHERE d.doc_id = c.doc_id AND d.content_sha256 = c.content_sha256)""",
         [source],

@@ -16,7 +16,7 @@ from embedding_assets.core.identity import embedding_cache_key
 from embedding_assets.stages import ProgressFn, no_progress
 from resources.cache import EmbeddingCacheResource
 from resources.model import EmbeddingModelResource
-from resources.warehouse import WarehouseResource, insert_arrow, vectors_to_arrow
+from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow, vectors_to_arrow
 
 BATCH_CHUNKS = 512
 
@@ -145,6 +145,4 @@ def _delete_dead_vectors(con, fingerprint: str, source: str) -> int:
     condition = """NOT EXISTS (SELECT 1 FROM chunk_dedup x JOIN chunks k USING (chunk_id)
                                WHERE x.chunk_id = e.chunk_id AND x.status = 'canonical')
                    OR (e.source = ? AND e.model_fingerprint <> ?)"""
-    count = con.execute(f"SELECT count(*) FROM embeddings e WHERE {condition}", [source, fingerprint]).fetchone()[0]
-    con.execute(f"DELETE FROM embeddings e WHERE {condition}", [source, fingerprint])
-    return count
+    return deleted_rows(con, f"DELETE FROM embeddings e WHERE {condition}", [source, fingerprint])

@@ -22,7 +22,7 @@ from embedding_assets.core.quantization import (
     ranges_to_bytes,
 )
 from embedding_assets.stages import ProgressFn, no_progress
-from resources.warehouse import WarehouseResource, arrow_to_vectors, insert_arrow
+from resources.warehouse import WarehouseResource, arrow_to_vectors, deleted_rows, insert_arrow
 
 BATCH_VECTORS = 4096
 CALIBRATION_SAMPLE = 10_000
@@ -47,12 +47,11 @@ def quantize_source(
     report = QuantizeReport(source=source)
     with warehouse.connect() as con:
         ranges, report.calibration_sample_size, report.calibrated_now = _ranges(con, model_fingerprint)
-        report.removed = con.execute(
-            """SELECT count(*) FROM quantized_embeddings q WHERE NOT EXISTS (SELECT 1 FROM embeddings e
-               WHERE e.chunk_id = q.chunk_id AND e.model_fingerprint = q.model_fingerprint)""").fetchone()[0]
-        con.execute(
+        report.removed = deleted_rows(
+            con,
             """DELETE FROM quantized_embeddings q WHERE NOT EXISTS (SELECT 1 FROM embeddings e
-               WHERE e.chunk_id = q.chunk_id AND e.model_fingerprint = q.model_fingerprint)""")
+               WHERE e.chunk_id = q.chunk_id AND e.model_fingerprint = q.model_fingerprint)""",
+        )
         if ranges is not None:
             pending = [
                 row[0]
