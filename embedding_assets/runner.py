@@ -71,7 +71,10 @@ def materialize_index(
     With ``skip_if_current``, no run is launched when the published index already holds exactly the
     live vectors with the same model and settings; the published manifest is returned instead.
     """
-    waiting_for = _sources_still_running(defs, instance)
+    try:
+        waiting_for = _sources_still_running(defs, instance)
+    except Exception as exc:  # noqa: BLE001 - same contract as a failed run: RunFailed with the cause
+        raise RunFailed(f"{type(exc).__name__}: {exc}", exc) from exc
     if waiting_for:
         # Another run is still embedding these sources; it builds the index when it is done, and an
         # index built now would miss its vectors (the build refuses that).
@@ -80,7 +83,10 @@ def materialize_index(
             "reason": f"runs still in progress for {', '.join(waiting_for)}; the last of them builds the index",
         }
     if skip_if_current:
-        published = _current_index_if_unchanged(defs, index_config or {})
+        try:
+            published = _current_index_if_unchanged(defs, index_config or {})
+        except Exception as exc:  # noqa: BLE001
+            raise RunFailed(f"{type(exc).__name__}: {exc}", exc) from exc
         if published is not None:
             m = published.manifest
             return {

@@ -21,7 +21,12 @@ def file_lock(path: Path, *, exclusive: bool, timeout: float) -> Iterator[None]:
     flock locks belong to the open file, so two opens in one process exclude each other too:
     never nest an exclusive lock inside another lock on the same file.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive or not path.exists():
+            raise
+        fd = os.open(path, os.O_RDONLY)  # readers of a read-only home can still share the lock
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     deadline = time.monotonic() + timeout
     delay = 0.01
