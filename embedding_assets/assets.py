@@ -157,6 +157,7 @@ def chunks(
         metadata={
             "dagster/row_count": r.live_chunks,
             "documents_chunked": r.documents_chunked, "documents_unchanged": r.documents_unchanged,
+            "documents_quarantined": r.quarantined,
             "chunks_added": r.chunks_added, "chunks_removed": r.chunks_removed, "chunks_unchanged": r.chunks_unchanged,
             "tokens_chunked": r.tokens, "max_token_count": r.max_token_count, "token_limit": max_tokens,
             "seconds": round(r.seconds, 3),

@@ -197,3 +197,44 @@ def test_model_settings_invalidate_embeddings(pipe, tmp_path, instance):
         other.run_index()
     other.run_source("beta")
     assert other.run_index()["build_mode"] == "full"
+
+
+def test_a_document_the_chunker_cannot_split_is_quarantined_not_fatal(pipe, monkeypatch):
+    import embedding_assets.stages.chunks as chunk_stage
+    from embedding_assets.core.chunking import ChunkingError
+
+    real = chunk_stage.chunk_document
+
+    def failing_for_chess(doc, tokenizer, settings, max_tokens):
+        if "opposition" in doc.text:
+            raise ChunkingError("could not split text into chunks of at most 10 tokens")
+        return real(doc, tokenizer, settings, max_tokens)
+
+    path = pipe.sources_root / "alpha" / "chess-endgames.txt"
+    path.write_text(path.read_text() + "\n\nA new closing paragraph about the opposition.\n")
+    (pipe.sources_root / "alpha" / "winter-beekeeping.md").write_text(
+        (pipe.sources_root / "alpha" / "winter-beekeeping.md").read_text() + "\n\nCheck the hive weight in February.\n"
+    )
+    monkeypatch.setattr(chunk_stage, "chunk_document", failing_for_chess)
+    report = pipe.run_source("alpha")
+    assert report["chunks"]["documents_quarantined"] == 1 and report["chunks"]["documents_chunked"] == 1
+    assert pipe.rows("SELECT relative_path, stage, reason FROM quarantine WHERE stage = 'chunks'") == [
+        ("chess-endgames.txt", "chunks", "could not split text into chunks of at most 10 tokens")
+    ]
+    # The edited file's old chunks left with the content they came from; the other edit went through.
+    assert not pipe.rows("SELECT 1 FROM chunks k JOIN documents d USING (doc_id) WHERE d.relative_path = 'chess-endgames.txt'")
+    assert any("hive weight" in t for (t,) in pipe.rows("SELECT text FROM chunks"))
+    pipe.run_index()
+    assert index_ids(pipe) == live_vector_ids(pipe)
+
+    monkeypatch.setattr(chunk_stage, "chunk_document", real)
+    again = pipe.run_source("alpha")
+    assert again["chunks"]["documents_chunked"] == 1 and again["chunks"]["documents_quarantined"] == 0
+    assert not pipe.rows("SELECT 1 FROM quarantine WHERE stage = 'chunks'")
+
+
+def test_invalid_chunking_settings_fail_before_touching_anything(pipe):
+    before = table_digest(pipe, "chunks")
+    with pytest.raises(RunFailed, match="chunk_tokens=0"):
+        pipe.run_source("alpha", op_config={"chunks": {"chunk_tokens": 0}})
+    assert table_digest(pipe, "chunks") == before

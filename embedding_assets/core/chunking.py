@@ -376,6 +376,18 @@ def _trim(text: str, start: int, end: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def validate_settings(settings: ChunkingSettings, max_tokens: int) -> int:
+    """The effective token limit of these settings; ChunkingError naming the setting when they are invalid."""
+    limit = min(settings.chunk_tokens, max_tokens)
+    if limit < 1:
+        raise ChunkingError(
+            f"chunk limit must be positive, got chunk_tokens={settings.chunk_tokens}, max_tokens={max_tokens}"
+        )
+    if settings.overlap_tokens < 0 or settings.min_chunk_tokens < 0:
+        raise ChunkingError(f"overlap_tokens and min_chunk_tokens must be >= 0: {settings}")
+    return limit
+
+
 def chunk_document(doc: CleanedDocument, tokenizer: Any, settings: ChunkingSettings, max_tokens: int) -> list[Chunk]:
     """Cut a cleaned document into chunks of at most ``min(settings.chunk_tokens, max_tokens)`` tokens.
 
@@ -392,13 +404,7 @@ def chunk_document(doc: CleanedDocument, tokenizer: Any, settings: ChunkingSetti
     Raises:
         ChunkingError: invalid settings (non-positive limit, negative overlap or minimum).
     """
-    limit = min(settings.chunk_tokens, max_tokens)
-    if limit < 1:
-        raise ChunkingError(
-            f"chunk limit must be positive, got chunk_tokens={settings.chunk_tokens}, max_tokens={max_tokens}"
-        )
-    if settings.overlap_tokens < 0 or settings.min_chunk_tokens < 0:
-        raise ChunkingError(f"overlap_tokens and min_chunk_tokens must be >= 0: {settings}")
+    limit = validate_settings(settings, max_tokens)
     # Overlap is capped so that every split advances by at least a quarter of the limit.
     overlap = min(settings.overlap_tokens, limit // 4)
     min_chunk = min(settings.min_chunk_tokens, limit)

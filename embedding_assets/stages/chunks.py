@@ -10,8 +10,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
-from embedding_assets.core.chunking import ChunkingSettings, chunk_document, chunking_fingerprint
+from embedding_assets.core.chunking import (
+    ChunkingError,
+    ChunkingSettings,
+    chunk_document,
+    chunking_fingerprint,
+    validate_settings,
+)
 from embedding_assets.core.cleaning import Block, CleanedDocument
 from embedding_assets.core.identity import chunk_id, text_sha256, vector_id
 from embedding_assets.stages import ProgressFn, no_progress
@@ -25,6 +32,7 @@ class ChunkReport:
     source: str
     documents_chunked: int = 0
     documents_unchanged: int = 0
+    quarantined: int = 0  # documents the chunker could not split (recorded in `quarantine`, stage "chunks")
     chunks_added: int = 0
     chunks_removed: int = 0
     chunks_unchanged: int = 0
@@ -46,6 +54,7 @@ def chunk_source(
 ) -> ChunkReport:
     started = time.perf_counter()
     report = ChunkReport(source=source)
+    validate_settings(settings, max_tokens)  # a bad setting fails the run before any document is touched
     fp = chunking_fingerprint(settings, tokenizer_fingerprint, max_tokens)
     with warehouse.connect() as con:
         # Chunks of documents that are gone (deleted, or quarantined after an edit) leave now.
@@ -77,8 +86,8 @@ def chunk_source(
     for start in range(0, len(pending), BATCH_DOCUMENTS):
         ids = pending[start : start + BATCH_DOCUMENTS]
         docs = warehouse.query_rows(
-            "SELECT doc_id, cleaned_sha256, text, blocks, title, language FROM cleaned_documents "
-            "WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))",
+            "SELECT c.doc_id, c.cleaned_sha256, c.text, c.blocks, c.title, c.language, d.relative_path, d.content_sha256 "
+            "FROM cleaned_documents c JOIN documents d USING (doc_id) WHERE c.doc_id IN (SELECT unnest(?::VARCHAR[]))",
             [ids],
         )
         old = warehouse.query_rows(
@@ -87,7 +96,8 @@ def chunk_source(
         old_ids = {cid for _, cid in old}
         rows: dict[str, list] = {name: [] for name in _CHUNK_COLUMNS}
         marks: list[tuple[str, str, int]] = []
-        for doc_id, cleaned_sha, text, blocks_json, title, language in docs:
+        failed: list[tuple[str, str, str, str]] = []
+        for doc_id, cleaned_sha, text, blocks_json, title, language, rel_path, content_sha in docs:
             doc = CleanedDocument(
                 text=text,
                 blocks=tuple(_block(b) for b in json.loads(blocks_json)),
@@ -95,7 +105,11 @@ def chunk_source(
                 language=language,
                 warnings=(),
             )
-            chunks = chunk_document(doc, tokenizer, settings, max_tokens)
+            try:
+                chunks = chunk_document(doc, tokenizer, settings, max_tokens)
+            except ChunkingError as exc:  # one document's problem never fails the run
+                failed.append((doc_id, rel_path, str(exc), content_sha))
+                continue
             seen: dict[str, int] = {}
             for chunk in chunks:
                 th = text_sha256(chunk.text)
@@ -127,6 +141,24 @@ def chunk_source(
             con.execute("DELETE FROM chunks WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
             con.execute("DELETE FROM chunked_documents WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
             insert_arrow(con, "chunks", rows)
+            # Retried on every run (settings may change); its old chunks are gone with the content they came from.
+            con.execute(
+                "DELETE FROM quarantine WHERE stage = 'chunks' AND doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+            )
+            if failed:
+                insert_arrow(
+                    con,
+                    "quarantine",
+                    {
+                        "doc_id": [f[0] for f in failed],
+                        "source": [source] * len(failed),
+                        "relative_path": [f[1] for f in failed],
+                        "stage": ["chunks"] * len(failed),
+                        "reason": [f[2] for f in failed],
+                        "content_sha256": [f[3] for f in failed],
+                        "recorded_at": [datetime.now(timezone.utc)] * len(failed),
+                    },
+                )
             insert_arrow(
                 con,
                 "chunked_documents",
@@ -138,6 +170,7 @@ def chunk_source(
                     "chunk_count": [m[2] for m in marks],
                 },
             )
+        report.quarantined += len(failed)
         progress("chunks", min(start + BATCH_DOCUMENTS, len(pending)), len(pending), "documents")
 
     report.live_chunks, max_tokens_seen = warehouse.query_rows(
