@@ -27,6 +27,7 @@ from embedding_assets.checks import (
 )
 from embedding_assets.core.chunking import ChunkingSettings, max_chunk_tokens
 from embedding_assets.core.dedup import MinHashSettings
+from embedding_assets.core.ivf import IndexBuildError
 from embedding_assets.partitions import sources_partitions
 from embedding_assets.progress import for_context
 from embedding_assets.settings import env_float, env_int, env_str
@@ -34,7 +35,8 @@ from embedding_assets.stages.chunks import chunk_source
 from embedding_assets.stages.cleaned_documents import clean_source
 from embedding_assets.stages.deduped_chunks import dedup_source
 from embedding_assets.stages.embeddings import embed_source
-from embedding_assets.stages.faiss_index import IndexSettings, build_and_publish
+from embedding_assets.inflight import IngestWaitTimeout, covers, ingests_in_flight, wait_for_runs
+from embedding_assets.stages.faiss_index import CorpusChanged, IndexSettings, MissingVectors, build_and_publish
 from embedding_assets.stages.quantized_embeddings import quantize_source
 from embedding_assets.stages.raw_documents import ingest_source
 from resources import (
@@ -49,6 +51,7 @@ GROUP = "embedding_pipeline"
 # Steps that write the warehouse queue on one pool (set a limit for it in dagster.yaml, see README);
 # the warehouse's file lock keeps them correct even without a limit.
 WAREHOUSE_POOL = "embedding_warehouse"
+BUILD_ATTEMPTS = 4  # a build that another run raced with starts again, at most this many times in all
 
 
 class RawDocumentsConfig(dg.Config):
@@ -78,6 +81,10 @@ class IndexConfig(dg.Config):
     target_recall: float = Field(default=env_float("EMBEDDING_TARGET_RECALL", 0.95), description="recall@10 nprobe is tuned to.")
     recall_queries: int = Field(default=env_int("EMBEDDING_RECALL_QUERIES", 200), description="Sampled queries for recall.")
     min_nlist: int = Field(default=env_int("EMBEDDING_MIN_NLIST", 8), description="Below this many lists, build a flat index.")
+    wait_for_ingest_seconds: float = Field(
+        default=env_float("EMBEDDING_WAIT_FOR_INGEST_SECONDS", 3600.0),
+        description="How long the build waits for ingest runs still embedding a source (in other processes) before failing.",
+    )
 
     def to_settings(self) -> IndexSettings:
         return IndexSettings(
@@ -270,24 +277,37 @@ def faiss_index(
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     settings = config.to_settings()
     fingerprint, dimension = model.model_fingerprint(), model.dimension()
-    # Gates on the inputs run before anything is built; gates on the built index run inside publish.
-    shares = corpus_shares(warehouse)
-    warnings = warning_checks(shares, previous_dedup_ratio=previous_dedup_ratio(context.instance))
-    before = vector_gates(warehouse, model_fingerprint=fingerprint, dimension=dimension) + chunk_gates(
-        warehouse, max_tokens=max_chunk_tokens(model.tokenizer(), model.effective_max_seq_length())
-    )
-    if failed_blocking(before):
-        yield from (to_check_result(o) for o in before + warnings)
-        raise QualityGateError(before)
-    gated_store = GatedIndexStore(index_store, warehouse)
-    try:
-        r, published = build_and_publish(
-            warehouse, gated_store, model_fingerprint=fingerprint, dimension=dimension,
-            settings=settings, progress=for_context(context),
+    for attempt in range(1, BUILD_ATTEMPTS + 1):
+        # Gates on the inputs run before anything is built; gates on the built index run inside publish.
+        shares = corpus_shares(warehouse)
+        warnings = warning_checks(shares, previous_dedup_ratio=previous_dedup_ratio(context.instance))
+        before = vector_gates(warehouse, model_fingerprint=fingerprint, dimension=dimension) + chunk_gates(
+            warehouse, max_tokens=max_chunk_tokens(model.tokenizer(), model.effective_max_seq_length())
         )
-    except QualityGateError as exc:
-        yield from (to_check_result(o) for o in before + exc.outcomes + warnings)
-        raise
+        if failed_blocking(before):
+            yield from (to_check_result(o) for o in before + warnings)
+            raise QualityGateError(before)
+        gated_store = GatedIndexStore(index_store, warehouse)
+        try:
+            r, published = build_and_publish(
+                warehouse, gated_store, model_fingerprint=fingerprint, dimension=dimension,
+                settings=settings, progress=for_context(context),
+            )
+            break
+        except QualityGateError as exc:
+            yield from (to_check_result(o) for o in before + exc.outcomes + warnings)
+            raise
+        except (MissingVectors, CorpusChanged) as exc:
+            # Another process is still writing: wait for its run rather than fail or publish half of it.
+            in_flight = ingests_in_flight(context.instance, exclude_run_id=context.run_id)
+            if attempt == BUILD_ATTEMPTS or (isinstance(exc, MissingVectors) and not covers(in_flight, exc.missing)):
+                raise
+            runs = sorted({run for runs in in_flight.values() for run in runs})
+            context.log.info(f"{exc}; waiting for {len(runs)} ingest run(s) in flight, then building again")
+            try:
+                wait_for_runs(context.instance, runs, timeout_seconds=config.wait_for_ingest_seconds)
+            except IngestWaitTimeout as timeout:
+                raise IndexBuildError(f"{exc}; {timeout}") from exc
     # An unchanged index is not published again; its gates are read from the kept version's manifest.
     outcomes = before + (gated_store.outcomes or index_gates(warehouse, published.manifest)) + warnings
     summary = {

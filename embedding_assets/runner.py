@@ -6,12 +6,11 @@ in the UI's run history when the instance is the UI's (``DAGSTER_HOME``).
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import Any
 
 import dagster as dg
 
+from embedding_assets.inflight import covers, ingests_in_flight, release_dead_runs, run_tags
 from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -100,44 +99,9 @@ def materialize_index(
     return _execute(defs.resolve_job_def("build_index"), instance, run_config)["faiss_index"]
 
 
-# Which process runs a job: a run whose process died (SIGKILL, OOM, power cut) never frees the pool
-# slot it holds, and with a pool limit every later run would wait for it forever.
-PID_TAG = "embedding_pipeline/pid"
-HOST_TAG = "embedding_pipeline/host"
-_UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
-
-
-def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Mark in-process runs of this host whose process is gone as failed and free their pool slots.
-
-    Returns the ids of the runs released. Only runs tagged by this module are considered, so runs
-    launched by ``dagster dev`` (watched by its own run monitoring) are never touched.
-    """
-    host = socket.gethostname()
-    released = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=_UNFINISHED, tags={HOST_TAG: host})):
-        pid = int(run.tags.get(PID_TAG, "0"))
-        if pid <= 0 or pid == os.getpid() or _process_alive(pid):
-            continue
-        instance.report_run_failed(run, f"process {pid} that ran it on {host} is gone (killed or crashed)")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        released.append(run.run_id)
-    return released
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _execute(job, instance, run_config, partition_key: str | None = None) -> dict[str, dict[str, Any]]:
     release_dead_runs(instance)
-    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    tags = run_tags()
     try:
         result = job.execute_in_process(instance=instance, run_config=run_config, partition_key=partition_key, tags=tags)
     except Exception as exc:  # noqa: BLE001 - execute_in_process re-raises the user code's own exception
@@ -206,9 +170,4 @@ def _sources_still_running(defs: dg.Definitions, instance: dg.DagsterInstance) -
     missing = missing_vectors(defs.resources["warehouse"], defs.resources["model"].model_fingerprint())
     if not missing:
         return []
-    release_dead_runs(instance)
-    running = {
-        run.tags.get("dagster/partition")
-        for run in instance.get_runs(filters=dg.RunsFilter(job_name="ingest_source", statuses=_UNFINISHED))
-    }
-    return sorted(missing) if set(missing) <= running else []
+    return sorted(missing) if covers(ingests_in_flight(instance), missing) else []

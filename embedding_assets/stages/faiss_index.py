@@ -51,6 +51,45 @@ MAX_TRAINING_POINTS_PER_CENTROID = 256
 FETCH_BATCH = 8192
 
 
+class MissingVectors(IndexBuildError):
+    """Live canonical chunks have no vector of the model yet; ``missing`` is {source: count}."""
+
+    def __init__(self, model_fingerprint: str, missing: dict[str, int]):
+        detail = ", ".join(f"{source}: {n}" for source, n in missing.items())
+        super().__init__(
+            f"not every live chunk has a vector of model {model_fingerprint} ({detail}); "
+            "materialize embeddings for those sources first"
+        )
+        self.missing = missing
+
+
+class CorpusChanged(IndexBuildError):
+    """Another run changed the live chunks or vectors while this build was reading them; build again."""
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """What the index must hold, summarized in one read: live canonical chunks, how many have a vector
+    of the model, and XOR digests of their vector ids. Equal snapshots before and after a build mean
+    no run wrote in between."""
+
+    canonical: int
+    with_vectors: int
+    chunk_digest: int
+    vector_digest: int
+
+
+def live_snapshot(warehouse: WarehouseResource, model_fingerprint: str) -> LiveSnapshot:
+    row = warehouse.query_rows(
+        """SELECT count(*), count(e.vector_id), coalesce(bit_xor(k.vector_id), 0), coalesce(bit_xor(e.vector_id), 0)
+           FROM chunks k JOIN chunk_dedup x USING (chunk_id)
+           LEFT JOIN embeddings e ON e.chunk_id = k.chunk_id AND e.model_fingerprint = ?
+           WHERE x.status = 'canonical'""",
+        [model_fingerprint],
+    )[0]
+    return LiveSnapshot(*(int(v) for v in row))
+
+
 @dataclass(frozen=True)
 class IndexSettings:
     factory_template: str = "IVF{nlist},Flat"
@@ -123,15 +162,16 @@ def build_and_publish(
     progress: ProgressFn = no_progress,
 ) -> tuple[IndexReport, PublishedIndex]:
     started = time.perf_counter()
-    missing = missing_vectors(warehouse, model_fingerprint)
-    if missing:
-        detail = ", ".join(f"{source}: {n}" for source, n in missing.items())
-        raise IndexBuildError(
-            f"not every live chunk has a vector of model {model_fingerprint} ({detail}); "
-            "materialize embeddings for those sources first"
-        )
+    snapshot = live_snapshot(warehouse, model_fingerprint)
+    if snapshot.with_vectors != snapshot.canonical:
+        missing = missing_vectors(warehouse, model_fingerprint)
+        if missing:
+            raise MissingVectors(model_fingerprint, missing)
+        raise CorpusChanged("vectors were written while the index build started")
     live_ids = _live_ids(warehouse, model_fingerprint)
     n = len(live_ids)
+    if n != snapshot.with_vectors:
+        raise CorpusChanged(f"{n} live vectors read, {snapshot.with_vectors} a moment before")
     if n == 0:
         raise IndexBuildError("no vectors to index: materialize at least one source first")
     if len(np.unique(live_ids)) != n:
@@ -191,7 +231,7 @@ def build_and_publish(
             add_vectors(index, ids, vectors)
             progress("faiss_index", int(index.ntotal), n, "vectors")
     if int(index.ntotal) != n:
-        raise IndexBuildError(f"index holds {index.ntotal} vectors but {n} chunks are live; refusing to publish")
+        raise CorpusChanged(f"index holds {index.ntotal} vectors but {n} chunks were live when the build started")
 
     queries = _fetch(warehouse, model_fingerprint, live_ids[sample_rows(n, min(n, settings.recall_queries), seed=1)], dimension)
     k = min(settings.recall_k, n)
@@ -203,6 +243,8 @@ def build_and_publish(
         write_index(index, scratch / "index.faiss")
         np.save(scratch / "ids.npy", live_ids)
         report.index_bytes = (scratch / "index.faiss").stat().st_size
+        if live_snapshot(warehouse, model_fingerprint) != snapshot:
+            raise CorpusChanged("another run changed the live chunks while the index was being built")
         published = index_store.publish(
             scratch,
             {
@@ -299,6 +341,8 @@ def _fetch(warehouse: WarehouseResource, model_fingerprint: str, ids: np.ndarray
                 "AND vector_id IN (SELECT unnest(?::BIGINT[]))",
                 params=[model_fingerprint, chunk],
             ).to_arrow_table()
+        if table.num_rows != len(chunk):
+            raise CorpusChanged(f"{len(chunk) - table.num_rows} of {len(chunk)} vectors were deleted while the index was being built")
         vectors = arrow_to_vectors(table.column("vector"), dimension)
         for vid, vector in zip(table.column("vector_id").to_pylist(), vectors):
             out[position[vid]] = vector
