@@ -34,6 +34,7 @@ from embedding_assets.core.ivf import (
     ivf_nlist,
     read_index,
     remove_ids,
+    required_recall,
     retrain_reason,
     sample_rows,
     tune_nprobe,
@@ -48,6 +49,8 @@ _LIVE_VECTORS = """
     FROM embeddings e JOIN chunk_dedup x USING (chunk_id) JOIN chunks k USING (chunk_id)
     WHERE e.model_fingerprint = ? AND x.status = 'canonical'"""
 MAX_TRAINING_POINTS_PER_CENTROID = 256
+# How nprobe is tuned (see ivf.tune_nprobe); an index tuned by another rule is re-tuned, not kept as is.
+NPROBE_RULE = "smallest nprobe with sample recall >= required_recall(target, queries, k, z=1.645)"
 FETCH_BATCH = 8192
 
 
@@ -261,6 +264,8 @@ def build_and_publish(
                 "recall_k": k,
                 "target_recall": settings.target_recall,
                 "recall_queries": settings.recall_queries,
+                "nprobe_rule": NPROBE_RULE,
+                "tuned_to_recall": required_recall(settings.target_recall, len(queries), k),
                 "training_points": report.training_points,
                 "trained_count": trained_count,
                 "trained_similarity": trained_similarity,
@@ -299,8 +304,8 @@ def _plan(current: PublishedIndex | None, live_ids: np.ndarray, fingerprint: str
     old_ids = np.load(ids_file)
     added = np.setdiff1d(live_ids, old_ids, assume_unique=True)
     removed = np.setdiff1d(old_ids, live_ids, assume_unique=True)
-    same_tuning = (m.get("target_recall"), m.get("recall_k"), m.get("recall_queries")) == (
-        settings.target_recall, min(settings.recall_k, len(live_ids)), settings.recall_queries,
+    same_tuning = (m.get("target_recall"), m.get("recall_k"), m.get("recall_queries"), m.get("nprobe_rule")) == (
+        settings.target_recall, min(settings.recall_k, len(live_ids)), settings.recall_queries, NPROBE_RULE,
     )
     if not len(added) and not len(removed) and same_tuning:
         return _Plan("unchanged")
