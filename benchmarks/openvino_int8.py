@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import baseline
-from benchmarks.run import DEFAULT_CORPUS, exact_ids, recall
+from benchmarks.run import DEFAULT_CORPUS, exact_ids, interleaved_rounds, recall
 
 
 def sample_chunks(corpus: Path, pages: int, seed: int = 0) -> list[str]:
@@ -104,15 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         quantized = nncf.quantize(model, nncf.Dataset(calib_items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib_items), **kwargs)
         paths[name] = openvino_encoder(core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"}), tokenizer, max_length)
 
-    for fn in paths.values():
-        fn(chunks[:8])
-    speeds: dict[str, list[float]] = {name: [] for name in paths}
-    vectors: dict[str, np.ndarray] = {}
-    for _ in range(args.rounds):  # interleaved: machine load hits every path alike
-        for name, fn in paths.items():
-            started = time.perf_counter()
-            vectors[name] = np.asarray(fn(chunks), dtype=np.float32)
-            speeds[name].append(len(chunks) / (time.perf_counter() - started))
+    speeds, vectors = interleaved_rounds(paths, chunks, args.rounds)
     reference = vectors["baseline encode(64) fp32"]
     truth = exact_ids(reference, reference)
     base = statistics.median(speeds["baseline encode(64) fp32"])

@@ -196,6 +196,21 @@ def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 
 # ---- 1. encode -------------------------------------------------------------------------------------
 
+def interleaved_rounds(paths: dict, chunks: list[str], rounds: int) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """Each path encodes ``chunks`` once per round, paths interleaved so machine load hits every path
+    alike; returns ({path: chunks/s per round}, {path: last vectors}). One warm-up call each first."""
+    for fn in paths.values():
+        fn(chunks[:8])  # warm-up: load, first-call allocations
+    speeds: dict[str, list[float]] = {name: [] for name in paths}
+    vectors: dict[str, np.ndarray] = {}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            started = time.perf_counter()
+            vectors[name] = np.asarray(fn(chunks), dtype=np.float32)
+            speeds[name].append(len(chunks) / (time.perf_counter() - started))
+    return speeds, vectors
+
+
 def encode_bench(chunks: list[str], rounds: int, dtypes: list[str], budgets: list[int], threads: list[int]) -> dict:
     import torch
 
@@ -208,15 +223,7 @@ def encode_bench(chunks: list[str], rounds: int, dtypes: list[str], budgets: lis
     for dtype in dtypes:
         model = EmbeddingModelResource(dtype=dtype)
         paths[f"ours {dtype}"] = (lambda m: lambda texts: m.encode(texts)[0])(model)
-    for fn in paths.values():
-        fn(chunks[:8])  # warm-up: load, first-call allocations
-    speeds: dict[str, list[float]] = {name: [] for name in paths}
-    vectors: dict[str, np.ndarray] = {}
-    for _ in range(rounds):  # interleaved: machine load hits every path alike
-        for name, fn in paths.items():
-            started = time.perf_counter()
-            vectors[name] = np.asarray(fn(chunks), dtype=np.float32)
-            speeds[name].append(len(chunks) / (time.perf_counter() - started))
+    speeds, vectors = interleaved_rounds(paths, chunks, rounds)
     reference = vectors["baseline encode(64) fp32"]
     truth = exact_ids(reference, reference)
     base = statistics.median(speeds["baseline encode(64) fp32"])
