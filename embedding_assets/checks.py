@@ -18,12 +18,13 @@ The gate functions take plain values and the warehouse; only the last section to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from embedding_assets.stages.faiss_index import CorpusChanged, live_snapshot
 from resources.index_store import IndexStoreResource, PublishedIndex
 from resources.warehouse import WarehouseResource
 
@@ -262,6 +263,11 @@ class GatedIndexStore:
         return self._store.new_version()
 
     def publish(self, scratch: Path, manifest: dict[str, Any]) -> PublishedIndex:
+        # A run that wrote after the build's last look would fail the count gate for no fault of the
+        # index: that is a changed corpus (build again), not a bad index.
+        expected = manifest.get("live_snapshot")
+        if expected is not None and asdict(live_snapshot(self._warehouse, manifest["model_fingerprint"])) != expected:
+            raise CorpusChanged("another run changed the live chunks while the index was being built")
         self.outcomes = index_gates(self._warehouse, manifest)
         if failed_blocking(self.outcomes):
             raise QualityGateError(self.outcomes)

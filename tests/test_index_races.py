@@ -183,3 +183,31 @@ def _dead_pid() -> int:
         os._exit(0)
     os.waitpid(pid, 0)
     return pid
+
+
+def test_a_write_just_before_the_gates_is_a_changed_corpus_not_a_failed_gate(stores):
+    """The last window: a run writes after the build's own last look, right before the publish gates."""
+    from embedding_assets.checks import GatedIndexStore
+
+    warehouse, index_store = stores
+    centers = clustered(8, 0, np.eye(8, DIM, dtype=np.float32))
+    add_rows(warehouse, 0, clustered(400, 1, centers))
+    build(stores)
+    before = index_store.current().version
+    add_rows(warehouse, 400, clustered(50, 2, centers))
+    gated = GatedIndexStore(index_store, warehouse)
+
+    class WriteThenGate(_WriterDuringBuild):
+        def new_version(self):
+            return self._store.new_version()
+
+        def publish(self, scratch, manifest):
+            self._write()
+            return self._store.publish(scratch, manifest)
+
+    with pytest.raises(CorpusChanged):
+        build_and_publish(
+            warehouse, WriteThenGate(gated, lambda: add_rows(warehouse, 1000, clustered(5, 3, centers))),
+            model_fingerprint=FP, dimension=DIM, settings=IndexSettings(),
+        )
+    assert gated.outcomes == [] and index_store.current().version == before

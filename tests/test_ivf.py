@@ -178,6 +178,7 @@ def test_tuned_nprobe_keeps_the_target_on_queries_it_never_saw():
 def test_required_recall_bounds():
     assert required_recall(0.95, 0, 10) == 0.95
     assert required_recall(1.0, 200, 10) == 1.0
+    assert required_recall(1.01, 200, 10) == 1.01  # an unreachable target stays unreachable
     assert required_recall(0.99, 1, 1) == 1.0  # capped
     assert required_recall(0.95, 200, 10, z=0) == 0.95
     assert required_recall(0.95, 100, 10) > required_recall(0.95, 400, 10) > 0.95

@@ -210,8 +210,8 @@ def required_recall(target: float, queries: int, k: int, z: float = 1.645) -> fl
 
     A normal bound on the ``queries * k`` neighbour hits, capped at 1.0.
     """
-    if queries <= 0 or k <= 0:
-        return target
+    if queries <= 0 or k <= 0 or not 0.0 < target < 1.0:
+        return target  # nothing to estimate; a target of 1 or more stays what it is (unreachable above 1)
     return min(1.0, target + z * float(np.sqrt(target * (1.0 - target) / (queries * k))))
 
 

@@ -16,6 +16,7 @@ The published version keeps its sorted vector ids (``ids.npy``) so the next buil
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -265,6 +266,7 @@ def build_and_publish(
                 "target_recall": settings.target_recall,
                 "recall_queries": settings.recall_queries,
                 "nprobe_rule": NPROBE_RULE,
+                "live_snapshot": dataclasses.asdict(snapshot),
                 "tuned_to_recall": required_recall(settings.target_recall, len(queries), k),
                 "training_points": report.training_points,
                 "trained_count": trained_count,
