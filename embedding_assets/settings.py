@@ -71,6 +71,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             batch_size=env_int("EMBEDDING_BATCH_SIZE", 128),
             token_budget=env_int("EMBEDDING_TOKEN_BUDGET", 16384),
             cpu_threads=env_int("EMBEDDING_CPU_THREADS", 0),
+            cpu_streams=env_int("EMBEDDING_CPU_STREAMS", 0),
             max_seq_length=int(max_seq) if max_seq else None,
         ),
         "cache": EmbeddingCacheResource(

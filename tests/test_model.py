@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -85,3 +87,36 @@ def test_bad_model_path_is_refused_naming_the_setting(tmp_path):
 def test_max_seq_length_too_small_is_refused_naming_the_setting():
     with pytest.raises(ModelConfigError, match="EMBEDDING_MAX_SEQ_LENGTH"):
         EmbeddingModelResource(max_seq_length=2).effective_max_seq_length()
+
+
+# --------------------------------------------------------------------------- CPU streams
+
+_TEXTS = [f"Sentence number {i} about {'tokens ' * (i % 17)}vectors and indexes." for i in range(90)]
+
+
+def test_streams_give_the_vectors_of_one_stream_and_of_plain_encode():
+    """Two streams (forward passes on a pool, tokenizing on the caller) change nothing but speed:
+    same vectors, same order, as one stream and as SentenceTransformer.encode itself."""
+    one = EmbeddingModelResource(dtype="float32", cpu_streams=1, token_budget=256)
+    two = EmbeddingModelResource(dtype="float32", cpu_streams=2, token_budget=256)  # ~20 batches: the queue fills
+    v1, s1 = one.encode(_TEXTS)
+    v2, s2 = two.encode(_TEXTS)
+    assert s2.batches == s1.batches > 10
+    np.testing.assert_allclose(v2, v1, atol=2e-6)
+    reference = one._model().encode(_TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(v1, reference, atol=2e-6)
+
+
+def test_encode_puts_torch_threads_back_and_auto_streams_fit_the_cores():
+    import torch
+
+    before = torch.get_num_threads()
+    model = EmbeddingModelResource(dtype="float32", cpu_threads=1, cpu_streams=2)
+    model.encode(_TEXTS[:5])
+    assert torch.get_num_threads() == before
+    assert EmbeddingModelResource().resolved_cpu_streams() == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
+
+
+def test_negative_cpu_streams_is_refused_naming_the_setting():
+    with pytest.raises(ModelConfigError, match="EMBEDDING_CPU_STREAMS"):
+        EmbeddingModelResource(cpu_streams=-1).encode(["x"])

@@ -40,7 +40,7 @@ def test_precision_path_is_close_to_float32(dtype, min_cosine, float32_vectors):
 
 def test_batching_does_not_change_vectors(float32_vectors):
     """Order is restored after length-sorted batching, whatever the budget."""
-    vectors, stats = EmbeddingModelResource(dtype="float32", token_budget=100_000, batch_size=1000).encode(TEXTS)
+    vectors, stats = EmbeddingModelResource(dtype="float32", token_budget=100_000, batch_size=1000, cpu_streams=1).encode(TEXTS)
     assert stats.batches == 1
     assert np.abs(vectors - float32_vectors).max() < 1e-4
     single, _ = EmbeddingModelResource(dtype="float32").encode([TEXTS[5]])
