@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,21 @@ def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, 
     finally:
         con.unregister("_insert_batch")
     return batch.num_rows
+
+
+def replace_quarantine(
+    con: duckdb.DuckDBPyConnection, stage: str, source: str, doc_ids: list[str], failures: list[tuple[str, str, str, str]]
+) -> None:
+    """Replace ``stage``'s quarantine records of ``doc_ids`` with ``failures``:
+    (doc_id, relative_path, reason, content_sha256) each, recorded now."""
+    con.execute("DELETE FROM quarantine WHERE stage = ? AND doc_id IN (SELECT unnest(?::VARCHAR[]))", [stage, list(doc_ids)])
+    now = datetime.now(timezone.utc)
+    insert_arrow(con, "quarantine", {
+        "doc_id": [f[0] for f in failures], "source": [source] * len(failures),
+        "relative_path": [f[1] for f in failures], "stage": [stage] * len(failures),
+        "reason": [f[2] for f in failures], "content_sha256": [f[3] for f in failures],
+        "recorded_at": [now] * len(failures),
+    })
 
 
 def vectors_to_arrow(vectors: np.ndarray) -> pa.Array:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from embedding_assets.core.chunking import (
     ChunkingError,
@@ -22,7 +21,7 @@ from embedding_assets.core.chunking import (
 from embedding_assets.core.cleaning import Block, CleanedDocument
 from embedding_assets.core.identity import chunk_id, text_sha256, vector_id
 from embedding_assets.stages import ProgressFn, no_progress
-from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow
+from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow, replace_quarantine
 
 BATCH_DOCUMENTS = 64
 
@@ -142,23 +141,7 @@ def chunk_source(
             con.execute("DELETE FROM chunked_documents WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
             insert_arrow(con, "chunks", rows)
             # Retried on every run (settings may change); its old chunks are gone with the content they came from.
-            con.execute(
-                "DELETE FROM quarantine WHERE stage = 'chunks' AND doc_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
-            )
-            if failed:
-                insert_arrow(
-                    con,
-                    "quarantine",
-                    {
-                        "doc_id": [f[0] for f in failed],
-                        "source": [source] * len(failed),
-                        "relative_path": [f[1] for f in failed],
-                        "stage": ["chunks"] * len(failed),
-                        "reason": [f[2] for f in failed],
-                        "content_sha256": [f[3] for f in failed],
-                        "recorded_at": [datetime.now(timezone.utc)] * len(failed),
-                    },
-                )
+            replace_quarantine(con, "chunks", source, ids, failed)
             insert_arrow(
                 con,
                 "chunked_documents",

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 
 from embedding_assets.core.cleaning import CleaningError, clean_document, cleaning_fingerprint
 from embedding_assets.core.identity import sha256_hex
 from embedding_assets.stages import ProgressFn, no_progress
-from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow
+from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow, replace_quarantine
 
 BATCH_DOCUMENTS = 64
 
@@ -90,30 +89,12 @@ def clean_source(warehouse: WarehouseResource, source: str, *, progress: Progres
                     "char_count": len(cleaned.text),
                 }
             )
-        now = datetime.now(timezone.utc)
         with warehouse.connect() as con:
             touched = [r["doc_id"] for r in rows] + [b[0] for b in bad]
             con.execute("DELETE FROM cleaned_documents WHERE doc_id IN (SELECT unnest(?::VARCHAR[]))", [touched])
-            con.execute(
-                "DELETE FROM quarantine WHERE stage = 'cleaned_documents' AND doc_id IN (SELECT unnest(?::VARCHAR[]))",
-                [touched],
-            )
             if rows:
                 insert_arrow(con, "cleaned_documents", {k: [r[k] for r in rows] for k in rows[0]})
-            if bad:
-                insert_arrow(
-                    con,
-                    "quarantine",
-                    {
-                        "doc_id": [b[0] for b in bad],
-                        "source": [source] * len(bad),
-                        "relative_path": [b[1] for b in bad],
-                        "stage": ["cleaned_documents"] * len(bad),
-                        "reason": [b[2] for b in bad],
-                        "content_sha256": [b[3] for b in bad],
-                        "recorded_at": [now] * len(bad),
-                    },
-                )
+            replace_quarantine(con, "cleaned_documents", source, touched, bad)
         progress("cleaned_documents", min(start + BATCH_DOCUMENTS, len(pending)), len(pending), "documents")
 
     report.quarantined = [
