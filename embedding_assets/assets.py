@@ -6,28 +6,27 @@ never in Dagster's pickling IO manager, so nothing big travels between steps.
 """
 
 
+import dataclasses
 from collections.abc import Iterator
 
 import dagster as dg
 from pydantic import Field
 
 from embedding_assets.checks import (
-    GatedIndexStore,
+    GateOutcome,
     QualityGateError,
-    chunk_gates,
     corpus_shares,
     failed_blocking,
     index_gates,
     outcomes_table,
     previous_dedup_ratio,
     quality_check_specs,
+    snapshot_gates,
     to_check_result,
-    vector_gates,
     warning_checks,
 )
 from embedding_assets.core.chunking import ChunkingSettings, max_chunk_tokens
 from embedding_assets.core.dedup import MinHashSettings
-from embedding_assets.core.ivf import IndexBuildError
 from embedding_assets.partitions import sources_partitions
 from embedding_assets.progress import for_context
 from embedding_assets.settings import env_float, env_int, env_str
@@ -35,8 +34,7 @@ from embedding_assets.stages.chunks import chunk_source
 from embedding_assets.stages.cleaned_documents import clean_source
 from embedding_assets.stages.deduped_chunks import dedup_source
 from embedding_assets.stages.embeddings import embed_source
-from embedding_assets.inflight import IngestWaitTimeout, covers, ingests_in_flight, wait_for_runs
-from embedding_assets.stages.faiss_index import CorpusChanged, IndexSettings, MissingVectors, build_and_publish
+from embedding_assets.stages.faiss_index import IndexSettings, build_and_publish
 from embedding_assets.stages.quantized_embeddings import quantize_source
 from embedding_assets.stages.raw_documents import ingest_source
 from resources import (
@@ -51,7 +49,15 @@ GROUP = "embedding_pipeline"
 # Steps that write the warehouse queue on one pool (set a limit for it in dagster.yaml, see README);
 # the warehouse's file lock keeps them correct even without a limit.
 WAREHOUSE_POOL = "embedding_warehouse"
-BUILD_ATTEMPTS = 4  # a build that another run raced with starts again, at most this many times in all
+# A new index version follows every ingest that changed the live set, without a person stepping in: the
+# automation sensor (``index_freshness``, running wherever the Dagster daemon runs) requests faiss_index once
+# any quantized_embeddings partition updated, but never while an ingest is still in progress or another
+# build of the index is running. A source that was never materialized does not hold the index back.
+INDEX_FRESHNESS = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("rebuild after an ingest changed the live set")
 
 
 class RawDocumentsConfig(dg.Config):
@@ -74,22 +80,18 @@ class DedupConfig(dg.Config):
 
 
 class IndexConfig(dg.Config):
-    factory_template: str = Field(
-        default=env_str("EMBEDDING_INDEX_FACTORY", "IVF{nlist},Flat"),
-        description="FAISS index factory string; {nlist} is chosen from the vector count (flat below a threshold).",
+    layout: str = Field(
+        default=env_str("EMBEDDING_INDEX_LAYOUT", "binary"),
+        description="binary: Hamming IVF over sign bits in memory, candidates rescored with int8 codes read from disk "
+        "(32x smaller in memory than float32); int8: IVF over int8 codes (4x smaller).",
     )
-    target_recall: float = Field(default=env_float("EMBEDDING_TARGET_RECALL", 0.95), description="recall@10 nprobe is tuned to.")
+    target_recall: float = Field(default=env_float("EMBEDDING_TARGET_RECALL", 0.95), description="recall@10 against exact float32 search that nprobe (and the rescore multiplier) are tuned to.")
     recall_queries: int = Field(default=env_int("EMBEDDING_RECALL_QUERIES", 200), description="Sampled queries for recall.")
     min_nlist: int = Field(default=env_int("EMBEDDING_MIN_NLIST", 8), description="Below this many lists, build a flat index.")
-    wait_for_ingest_seconds: float = Field(
-        default=env_float("EMBEDDING_WAIT_FOR_INGEST_SECONDS", 3600.0),
-        description="How long the build waits for ingest runs still embedding a source (in other processes) before failing.",
-    )
 
     def to_settings(self) -> IndexSettings:
         return IndexSettings(
-            factory_template=self.factory_template, target_recall=self.target_recall,
-            recall_queries=self.recall_queries, min_nlist=self.min_nlist,
+            layout=self.layout, target_recall=self.target_recall, recall_queries=self.recall_queries, min_nlist=self.min_nlist,
         )
 
 
@@ -262,10 +264,12 @@ def quantized_embeddings(
     group_name=GROUP,
     kinds={"faiss"},
     check_specs=quality_check_specs(),
+    automation_condition=INDEX_FRESHNESS,
     description=(
-        "FAISS IVF index over every source's canonical vectors (flat when small), nprobe tuned to the recall target "
-        "against exact search, published atomically with a manifest. Blocking quality gates (asset checks) run before "
-        "publishing: when one fails the run fails and the previous version stays current."
+        "A self-contained index version built from the quantized codes of one snapshot of the live set: the FAISS "
+        "index (binary or int8 layout), the id -> chunk map and the manifest, published atomically. nprobe (and the "
+        "rescore multiplier) are tuned to the recall target against exact float32 search. Blocking quality gates "
+        "(asset checks) run before publishing: when one fails the run fails and the previous version stays current."
     ),
 )
 def faiss_index(
@@ -277,42 +281,37 @@ def faiss_index(
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     settings = config.to_settings()
     fingerprint, dimension = model.model_fingerprint(), model.dimension()
-    for attempt in range(1, BUILD_ATTEMPTS + 1):
-        # Gates on the inputs run before anything is built; gates on the built index run inside publish.
-        shares = corpus_shares(warehouse)
-        warnings = warning_checks(shares, previous_dedup_ratio=previous_dedup_ratio(context.instance))
-        before = vector_gates(warehouse, model_fingerprint=fingerprint, dimension=dimension) + chunk_gates(
-            warehouse, max_tokens=max_chunk_tokens(model.tokenizer(), model.effective_max_seq_length())
+    max_tokens = max_chunk_tokens(model.tokenizer(), model.effective_max_seq_length())
+    gates: list[GateOutcome] = []
+
+    def gate_snapshot(snapshot, count):
+        gates.extend(snapshot_gates(snapshot, dimension=dimension, max_tokens=max_tokens))
+        if failed_blocking(gates):
+            raise QualityGateError(gates)
+
+    def gate_index(manifest, snapshot_count):
+        gates.extend(index_gates(manifest, snapshot_count))
+        manifest["gates"] = [dataclasses.asdict(g) for g in gates]
+        if failed_blocking(gates):
+            raise QualityGateError(gates)
+
+    shares = corpus_shares(warehouse)
+    warnings = warning_checks(shares, previous_dedup_ratio=previous_dedup_ratio(context.instance))
+    try:
+        r, published = build_and_publish(
+            warehouse, index_store, model_fingerprint=fingerprint, dimension=dimension, settings=settings,
+            gate_snapshot=gate_snapshot, gate_index=gate_index, progress=for_context(context),
         )
-        if failed_blocking(before):
-            yield from (to_check_result(o) for o in before + warnings)
-            raise QualityGateError(before)
-        gated_store = GatedIndexStore(index_store, warehouse)
-        try:
-            r, published = build_and_publish(
-                warehouse, gated_store, model_fingerprint=fingerprint, dimension=dimension,
-                settings=settings, progress=for_context(context),
-            )
-            break
-        except QualityGateError as exc:
-            yield from (to_check_result(o) for o in before + exc.outcomes + warnings)
-            raise
-        except (MissingVectors, CorpusChanged) as exc:
-            # Another process is still writing: wait for its run rather than fail or publish half of it.
-            in_flight = ingests_in_flight(context.instance, exclude_run_id=context.run_id)
-            if attempt == BUILD_ATTEMPTS or (isinstance(exc, MissingVectors) and not covers(in_flight, exc.missing)):
-                raise
-            runs = sorted({run for runs in in_flight.values() for run in runs})
-            context.log.info(f"{exc}; waiting for {len(runs)} ingest run(s) in flight, then building again")
-            try:
-                wait_for_runs(context.instance, runs, timeout_seconds=config.wait_for_ingest_seconds)
-            except IngestWaitTimeout as timeout:
-                raise IndexBuildError(f"{exc}; {timeout}") from exc
-    # An unchanged index is not published again; its gates are read from the kept version's manifest.
-    outcomes = before + (gated_store.outcomes or index_gates(warehouse, published.manifest)) + warnings
+    except QualityGateError as exc:
+        yield from (to_check_result(o) for o in exc.outcomes + warnings)
+        raise
+    if r.mode == "unchanged":  # not published again: the kept version's gates stand
+        gates = [GateOutcome(**g) for g in published.manifest.get("gates", [])]
+    outcomes = gates + warnings
     summary = {
-        "vectors": r.count, "build mode": r.mode, "factory": r.factory, "nprobe": r.nprobe,
-        "recall@10": f"{r.recall_at_k:.4f} (target {settings.target_recall})", "index bytes": r.index_bytes,
+        "vectors": r.count, "build mode": r.mode, "layout": r.layout, "nlist": r.nlist, "nprobe": r.nprobe,
+        "rescore multiplier": r.rescore_multiplier, "recall@10": f"{r.recall_at_k:.4f} (target {settings.target_recall})",
+        "index bytes": r.index_bytes, "version bytes": r.version_bytes, "chunks waiting for codes": r.pending,
         "duplicate share": f"{shares.dedup_ratio:.3f}", "seconds": round(r.seconds, 3),
     }
     yield dg.MaterializeResult(
@@ -322,12 +321,13 @@ def faiss_index(
             "bytes_per_vector": round(r.index_bytes / r.count, 2) if r.count else 0.0,
             "dedup_ratio": round(shares.dedup_ratio, 4), "documents": shares.documents,
             "quarantined": shares.quarantined, "skipped": shares.skipped,
-            "dagster/row_count": r.count,
+            "dagster/row_count": r.count, "pending_chunks": r.pending,
             "build_mode": r.mode, "retrain_reason": r.retrain_reason, "vectors_added": r.added, "vectors_removed": r.removed,
-            "version": r.version, "path": str(published.path), "factory": r.factory,
-            "nlist": r.nlist, "nprobe": r.nprobe, "recall_at_10": round(r.recall_at_k, 4),
-            "training_points": r.training_points, "index_bytes": r.index_bytes, "dimension": r.dimension,
-            "seconds": round(r.seconds, 3),
+            "version": r.version, "path": str(published.path), "layout": r.layout,
+            "nlist": r.nlist, "nprobe": r.nprobe, "rescore_multiplier": r.rescore_multiplier,
+            "recall_at_10": round(r.recall_at_k, 4),
+            "training_points": r.training_points, "index_bytes": r.index_bytes, "version_bytes": r.version_bytes,
+            "dimension": r.dimension, "seconds": round(r.seconds, 3),
         }
     )
 

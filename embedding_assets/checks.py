@@ -1,31 +1,30 @@
 """Quality gates of the index: the asset checks of ``faiss_index``.
 
 Publishing happens inside the ``faiss_index`` asset, so a separate check step would run after a bad
-index was already current. The gates therefore run inside the asset, in two places:
+index was already current. The gates therefore run inside the build, on the build's own snapshot of the
+live set (never on the live tables, which may have moved on), in two places:
 
-- before the build, over the warehouse (:func:`vector_gates`, :func:`chunk_gates`): vectors have the
-  model's dimension, are finite and unit-norm; no empty chunk; no chunk over the model's token limit;
-- after the build and before the atomic publish (:func:`index_gates`, run by :class:`GatedIndexStore`,
-  which wraps the index store the stage publishes through): recall@10 of the new index against exact
-  search reaches the target, and the index holds exactly one vector per live canonical chunk.
+- before building (:func:`snapshot_gates`): vectors have the model's dimension, are finite and unit-norm,
+  codes have their widths; no empty chunk; no chunk over the model's token limit;
+- after building and before the atomic publish (:func:`index_gates`): recall@10 of the new version against
+  exact float32 search reaches the target, and the version holds exactly one vector per snapshot row.
 
 A failed blocking gate is reported as a failed, blocking ``AssetCheckResult`` and the step fails before
 ``publish``; the previous version stays current. Warnings (:func:`warning_checks`: dedup ratio jump,
 share of quarantined/skipped documents, language mix) never stop anything; they are WARN results.
 
-The gate functions take plain values and the warehouse; only the last section touches Dagster.
+The gate functions take plain values; only the last section touches Dagster.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import duckdb
 
-from embedding_assets.stages.faiss_index import CorpusChanged, live_snapshot
-from resources.index_store import IndexStoreResource, PublishedIndex
 from resources.warehouse import WarehouseResource
 
 ASSET = "faiss_index"
@@ -38,7 +37,8 @@ BLOCKING_GATES: dict[str, str] = {
     "no_empty_chunks": "No live canonical chunk is empty or whitespace only.",
     "chunk_tokens_within_model_limit": "No live canonical chunk has more tokens than the model reads.",
     "recall_at_10_meets_target": "recall@10 of the new index against exact search reaches the configured target.",
-    "index_count_matches_live_chunks": "The new index holds exactly one vector per live canonical chunk.",
+    "codes_have_model_width": "Every int8 code has one byte per dimension and every binary code one bit per dimension.",
+    "index_count_matches_live_chunks": "The new index holds exactly one vector per live canonical chunk of its snapshot.",
 }
 WARNING_CHECKS: dict[str, str] = {
     "dedup_ratio_stable": "The corpus-wide duplicate share moved little since the previous index.",
@@ -86,97 +86,103 @@ def failed_blocking(outcomes: list[GateOutcome]) -> list[GateOutcome]:
 
 # ----------------------------------------------------------------------------------------- gates
 
-_LIVE_CANONICAL = "FROM chunks k JOIN chunk_dedup x USING (chunk_id) WHERE x.status = 'canonical'"
+def snapshot_gates(snapshot: Path, *, dimension: int, max_tokens: int) -> list[GateOutcome]:
+    """Gates over the build's snapshot (a Parquet file of the live set): dimension, finiteness and unit norm of
+    every float32 vector, widths of the int8 and binary codes, no empty chunk, no chunk over ``max_tokens``.
 
-
-def vector_gates(warehouse: WarehouseResource, *, model_fingerprint: str, dimension: int) -> list[GateOutcome]:
-    """Dimension, finiteness and unit norm of every live canonical vector of the model, in one DuckDB scan.
-
-    Returns three outcomes; each failing one names how many vectors fail and one example chunk id.
+    One scan with an in-memory DuckDB; each failing outcome names how many rows fail and one example chunk id.
     """
-    (vectors, wrong_dim, non_finite, not_unit, worst_norm_error, example_dim, example_finite, example_norm) = warehouse.query_rows(
-        f"""WITH v AS (
-              SELECT e.chunk_id, coalesce(len(e.vector), -1) AS dim,
-                     coalesce(list_bool_and(list_transform(e.vector, lambda x: isfinite(x))), false) AS finite,
-                     abs(list_dot_product(e.vector, e.vector) - 1) AS norm_error
-              FROM embeddings e JOIN chunk_dedup x USING (chunk_id) JOIN chunks k USING (chunk_id)
-              WHERE x.status = 'canonical' AND e.model_fingerprint = ?)
-            SELECT count(*),
-                   count(*) FILTER (WHERE dim <> ?),
-                   count(*) FILTER (WHERE NOT finite),
-                   count(*) FILTER (WHERE NOT coalesce(norm_error < ?, false)),
-                   max(norm_error) FILTER (WHERE finite),
-                   min(chunk_id) FILTER (WHERE dim <> ?),
-                   min(chunk_id) FILTER (WHERE NOT finite),
-                   min(chunk_id) FILTER (WHERE NOT coalesce(norm_error < ?, false))
-            FROM v""",
-        [model_fingerprint, dimension, UNIT_NORM_TOLERANCE, dimension, UNIT_NORM_TOLERANCE],
-    )[0]
+    con = duckdb.connect()
+    try:
+        row = con.execute(
+            r"""WITH v AS (
+                  SELECT chunk_id, text, token_count, coalesce(len(vector), -1) AS dim,
+                         coalesce(list_bool_and(list_transform(vector, lambda x: isfinite(x))), false) AS finite,
+                         abs(list_dot_product(vector, vector) - 1) AS norm_error,
+                         octet_length(int8) AS int8_bytes, octet_length(ubinary) AS binary_bytes
+                  FROM read_parquet(?))
+                SELECT count(*),
+                       count(*) FILTER (WHERE dim <> ?),
+                       count(*) FILTER (WHERE NOT finite),
+                       count(*) FILTER (WHERE NOT coalesce(norm_error < ?, false)),
+                       max(norm_error) FILTER (WHERE finite),
+                       min(chunk_id) FILTER (WHERE dim <> ?),
+                       min(chunk_id) FILTER (WHERE NOT finite),
+                       min(chunk_id) FILTER (WHERE NOT coalesce(norm_error < ?, false)),
+                       count(*) FILTER (WHERE int8_bytes <> ? OR binary_bytes <> ?),
+                       min(chunk_id) FILTER (WHERE int8_bytes <> ? OR binary_bytes <> ?),
+                       count(*) FILTER (WHERE text IS NULL OR regexp_full_match(text, '[\s\pZ]*')),
+                       min(chunk_id) FILTER (WHERE text IS NULL OR regexp_full_match(text, '[\s\pZ]*')),
+                       count(*) FILTER (WHERE token_count > ?),
+                       max(token_count),
+                       min(chunk_id) FILTER (WHERE token_count > ?)
+                FROM v""",
+            [str(snapshot), dimension, UNIT_NORM_TOLERANCE, dimension, UNIT_NORM_TOLERANCE,
+             dimension, dimension // 8, dimension, dimension // 8, max_tokens, max_tokens],
+        ).fetchone()
+    finally:
+        con.close()
+    (vectors, wrong_dim, non_finite, not_unit, worst_norm_error, example_dim, example_finite, example_norm,
+     wrong_codes, example_codes, empty, example_empty, over, longest, example_over) = row
     base = {"vectors_checked": int(vectors)}
+
+    def example(chunk):
+        return f" (e.g. chunk {chunk})" if chunk else ""
+
     return [
         GateOutcome(
             "vectors_have_model_dimension", wrong_dim == 0,
-            f"{wrong_dim} of {vectors} vectors do not have dimension {dimension}"
-            + (f" (e.g. chunk {example_dim})" if example_dim else ""),
+            f"{wrong_dim} of {vectors} vectors do not have dimension {dimension}{example(example_dim)}",
             {**base, "expected_dimension": dimension, "wrong_dimension": int(wrong_dim)},
         ),
         GateOutcome(
             "vectors_are_finite", non_finite == 0,
-            f"{non_finite} of {vectors} vectors hold NaN or infinity" + (f" (e.g. chunk {example_finite})" if example_finite else ""),
+            f"{non_finite} of {vectors} vectors hold NaN or infinity{example(example_finite)}",
             {**base, "non_finite": int(non_finite)},
         ),
         GateOutcome(
             "vectors_are_unit_norm", not_unit == 0,
-            f"{not_unit} of {vectors} vectors are not unit-norm" + (f" (e.g. chunk {example_norm})" if example_norm else ""),
+            f"{not_unit} of {vectors} vectors are not unit-norm{example(example_norm)}",
             {**base, "not_unit_norm": int(not_unit), "max_norm_error": float(worst_norm_error or 0.0)},
         ),
-    ]
-
-
-def chunk_gates(warehouse: WarehouseResource, *, max_tokens: int) -> list[GateOutcome]:
-    """No empty chunk and no chunk over ``max_tokens`` among the live canonical chunks."""
-    chunks, empty, over, longest, example_empty, example_over = warehouse.query_rows(
-        rf"""SELECT count(*),
-                   count(*) FILTER (WHERE k.text IS NULL OR regexp_full_match(k.text, '[\s\pZ]*')),
-                   count(*) FILTER (WHERE k.token_count > ?),
-                   max(k.token_count),
-                   min(k.chunk_id) FILTER (WHERE k.text IS NULL OR regexp_full_match(k.text, '[\s\pZ]*')),
-                   min(k.chunk_id) FILTER (WHERE k.token_count > ?)
-            {_LIVE_CANONICAL}""",
-        [max_tokens, max_tokens],
-    )[0]
-    return [
+        GateOutcome(
+            "codes_have_model_width", wrong_codes == 0,
+            f"{wrong_codes} of {vectors} codes are not {dimension} int8 bytes and {dimension // 8} binary bytes"
+            f"{example(example_codes)}",
+            {**base, "wrong_width": int(wrong_codes)},
+        ),
         GateOutcome(
             "no_empty_chunks", empty == 0,
-            f"{empty} of {chunks} chunks are empty" + (f" (e.g. chunk {example_empty})" if example_empty else ""),
-            {"chunks_checked": int(chunks), "empty_chunks": int(empty)},
+            f"{empty} of {vectors} chunks are empty{example(example_empty)}",
+            {"chunks_checked": int(vectors), "empty_chunks": int(empty)},
         ),
         GateOutcome(
             "chunk_tokens_within_model_limit", over == 0,
-            f"{over} of {chunks} chunks exceed {max_tokens} tokens (longest {longest})"
-            + (f" (e.g. chunk {example_over})" if example_over else ""),
-            {"chunks_checked": int(chunks), "token_limit": int(max_tokens), "max_token_count": int(longest or 0),
+            f"{over} of {vectors} chunks exceed {max_tokens} tokens (longest {longest}){example(example_over)}",
+            {"chunks_checked": int(vectors), "token_limit": int(max_tokens), "max_token_count": int(longest or 0),
              "over_limit": int(over)},
         ),
     ]
 
 
-def index_gates(warehouse: WarehouseResource, manifest: dict[str, Any]) -> list[GateOutcome]:
-    """Gates on a built, not yet published index, read from its manifest (``count``, ``recall_at_k``, ``target_recall``)."""
+def index_gates(manifest: dict[str, Any], snapshot_count: int) -> list[GateOutcome]:
+    """Gates on a built, not yet published version, read from its manifest (``count``, ``recall_at_k``,
+    ``target_recall``), against the row count of the snapshot it was built from."""
     recall = float(manifest["recall_at_k"])
     target = float(manifest["target_recall"])
     count = int(manifest["count"])
-    live = int(warehouse.query_rows(f"SELECT count(*) {_LIVE_CANONICAL}")[0][0])
     return [
         GateOutcome(
             "recall_at_10_meets_target", recall >= target,
-            f"recall@{manifest.get('recall_k', 10)} {recall:.4f} vs target {target:.4f} (nprobe {manifest.get('nprobe')})",
-            {"recall_at_10": recall, "target_recall": target, "nprobe": int(manifest.get("nprobe", 0))},
+            f"recall@{manifest.get('recall_k', 10)} {recall:.4f} vs target {target:.4f} "
+            f"({manifest.get('layout')}, nprobe {manifest.get('nprobe')}, rescore x{manifest.get('rescore_multiplier', 1)})",
+            {"recall_at_10": recall, "target_recall": target, "nprobe": int(manifest.get("nprobe", 0)),
+             "rescore_multiplier": int(manifest.get("rescore_multiplier", 1))},
         ),
         GateOutcome(
-            "index_count_matches_live_chunks", count == live,
-            f"index holds {count} vectors, warehouse has {live} live canonical chunks",
-            {"index_count": count, "live_canonical_chunks": live},
+            "index_count_matches_live_chunks", count == snapshot_count,
+            f"index holds {count} vectors, its snapshot {snapshot_count} live canonical chunks",
+            {"index_count": count, "snapshot_chunks": int(snapshot_count)},
         ),
     ]
 
@@ -241,37 +247,6 @@ def warning_checks(
              "min_dominant_share": thresholds.min_dominant_language_share},
         ),
     ]
-
-
-class GatedIndexStore:
-    """The index store as the faiss_index stage sees it, with :func:`index_gates` run right before publish.
-
-    ``build_and_publish`` writes the new version into ``new_version()`` and then calls ``publish``;
-    when a blocking gate fails here, :class:`QualityGateError` propagates out of the ``new_version``
-    block, which deletes the scratch folder, and ``CURRENT`` keeps naming the previous version.
-    """
-
-    def __init__(self, store: IndexStoreResource, warehouse: WarehouseResource):
-        self._store = store
-        self._warehouse = warehouse
-        self.outcomes: list[GateOutcome] = []
-
-    def current(self) -> PublishedIndex | None:
-        return self._store.current()
-
-    def new_version(self):
-        return self._store.new_version()
-
-    def publish(self, scratch: Path, manifest: dict[str, Any]) -> PublishedIndex:
-        # A run that wrote after the build's last look would fail the count gate for no fault of the
-        # index: that is a changed corpus (build again), not a bad index.
-        expected = manifest.get("live_snapshot")
-        if expected is not None and asdict(live_snapshot(self._warehouse, manifest["model_fingerprint"])) != expected:
-            raise CorpusChanged("another run changed the live chunks while the index was being built")
-        self.outcomes = index_gates(self._warehouse, manifest)
-        if failed_blocking(self.outcomes):
-            raise QualityGateError(self.outcomes)
-        return self._store.publish(scratch, manifest)
 
 
 # ---------------------------------------------------------------------------------------- dagster

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("query")
     find.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
     find.add_argument("--json", action="store_true", help="one JSON object per hit")
+    find.add_argument("--source", default=None, metavar="NAME", help="only hits from this source")
     sub.add_parser("sources", help="list the sources found under EMBEDDING_SOURCES_DIR")
     rm = sub.add_parser("remove-source", help="delete a removed source's partition, rows and vectors")
     rm.add_argument("name")
@@ -151,11 +152,11 @@ def _print_summary(report: dict[str, Any]) -> None:
         print(f"{name:<16}{docs:>16}{assets.get('chunks', {}).get('row_count', 0):>9}{dups:>7}"
               f"{emb.get('embedded_by_model', 0):>10}{hits:>12}")
     index = report.get("index")
-    if index and index.get("build_mode") == "deferred":
-        print(f"\nindex not rebuilt now: {index['reason']}")
-    elif index:
-        print(f"\nindex {index['version']} ({index['build_mode']}): {index['row_count']} vectors, {index['factory']}, "
-              f"nprobe {index['nprobe']}, recall@10 {index['recall_at_10']}")
+    if index:
+        print(f"\nindex {index['version']} ({index['build_mode']}): {index['row_count']} vectors, {index['layout']} layout, "
+              f"nprobe {index['nprobe']}, rescore x{index.get('rescore_multiplier', 1)}, recall@10 {index['recall_at_10']}"
+              + (f"; {index['pending_chunks']} chunks still waiting for embeddings go into the next build"
+                 if index.get("pending_chunks") else ""))
     for item in report.get("quarantine", []):
         print(f"  {item['kind']}: {item['source']}/{item['path']}: {item['reason']}")
     print(f"done in {report['seconds']:.1f} s")
@@ -192,15 +193,14 @@ def _remove_source(args) -> int:
 
 def _search(args) -> int:
     from embedding_assets.search import search
-    from embedding_assets.settings import build_resources
+    from embedding_assets.settings import index_store_resource, model_resource
     from resources.index_store import IndexStoreError
 
     if args.k < 1:
         print("error: --k must be >= 1", file=sys.stderr)
         return EXIT_USAGE
-    res = build_resources()
     try:
-        hits = search(args.query, args.k, model=res["model"], warehouse=res["warehouse"], index_store=res["index_store"])
+        hits = search(args.query, args.k, model=model_resource(), index_store=index_store_resource(), source=args.source)
     except IndexStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

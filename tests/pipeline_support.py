@@ -53,9 +53,7 @@ class Pipeline:
     def search(self, query: str, k: int = 5):
         from embedding_assets.search import search
 
-        return search(
-            query, k, model=self.resources["model"], warehouse=self.warehouse, index_store=self.resources["index_store"]
-        )
+        return search(query, k, model=self.resources["model"], index_store=self.resources["index_store"])
 
 
 def make_pipeline(tmp_path: Path, instance: dg.DagsterInstance, *, redis_url: str | None = None, copy_corpus=True, **model_kwargs) -> Pipeline:
@@ -74,3 +72,10 @@ def make_pipeline(tmp_path: Path, instance: dg.DagsterInstance, *, redis_url: st
         "cache": EmbeddingCacheResource(home=str(home), redis_url=redis_url, redis_retry_seconds=0.5),
     }
     return Pipeline(sources_root, home, build_definitions(resources), instance, resources)
+
+
+def index_count(published) -> int:
+    """Vectors held by the FAISS index of a published version (either layout)."""
+    from embedding_assets.core.index_version import IndexVersion
+
+    return int(IndexVersion.open(published.path).index.ntotal)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_assets.core.ivf import read_index
+from tests.pipeline_support import index_count
 from resources import IndexStoreResource, WarehouseResource
 from resources.locks import LockTimeout, file_lock
 from tests.pipeline_support import FIXTURE_CORPUS
@@ -90,7 +90,7 @@ def test_same_partition_twice_at_once(corpus):
     assert any(code == 0 for code, _, _ in results), [err[-1500:] for _, _, err in results]
     vectors = _check_consistent(env["EMBEDDING_HOME"])
     store = IndexStoreResource(home=env["EMBEDDING_HOME"])
-    assert read_index(store.current().index_file).ntotal == vectors
+    assert index_count(store.current()) == vectors
     # The CLI's --json report carries the quarantine with path and reason.
     report = next(r for code, r, _ in results if code == 0)
     assert {"source": "alpha", "path": "empty.txt", "kind": "quarantined"}.items() <= next(
@@ -115,7 +115,7 @@ def test_different_partitions_at_once(corpus):
     assert code == 0, err[-3000:]
     assert report["index"]["row_count"] == vectors
     store = IndexStoreResource(home=env["EMBEDDING_HOME"])
-    assert read_index(store.current().index_file).ntotal == vectors
+    assert index_count(store.current()) == vectors
 
 
 def _hold_lock(path: str, ready, release) -> None:

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from embedding_assets.core.identity import embedding_cache_key
-from embedding_assets.core.ivf import read_index
+from tests.pipeline_support import index_count
 from embedding_assets.progress import set_terminal_reporter
 from embedding_assets.runner import RunFailed
 from resources import EmbeddingCacheResource, IndexStoreResource, WarehouseResource
@@ -225,7 +225,7 @@ def test_sigkill_mid_embeddings_and_mid_index_keeps_the_published_index_and_lose
     warehouse = WarehouseResource(home=env["EMBEDDING_HOME"])
     published = store.current()
     assert published is not None
-    published_count = read_index(published.index_file).ntotal
+    published_count = index_count(published)
 
     # More than one embeddings batch (512 chunks), so rows land before the step ends.
     _bulk_corpus(tmp_path / "sources" / "bulk", 900)
@@ -245,7 +245,7 @@ def test_sigkill_mid_embeddings_and_mid_index_keeps_the_published_index_and_lose
     )[0][0]
     assert 0 < embedded_when_killed < pending_when_killed  # really killed in the middle
     assert store.current().version == published.version
-    assert read_index(store.current().index_file).ntotal == published_count
+    assert index_count(store.current()) == published_count
     rows, distinct = warehouse.query_rows("SELECT count(*), count(DISTINCT chunk_id) FROM embeddings")[0]
     assert rows == distinct
 
@@ -258,15 +258,14 @@ def test_sigkill_mid_embeddings_and_mid_index_keeps_the_published_index_and_lose
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=30)
     current = store.current()
-    assert read_index(current.index_file).ntotal == current.manifest.get("count", read_index(current.index_file).ntotal)
+    assert index_count(current) == current.manifest.get("count", index_count(current))
 
     final = _cli(["materialize", "--json"], env)
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err[-3000:]
     vectors = _assert_consistent(warehouse)
     assert vectors > published_count + 800
-    index = read_index(store.current().index_file)
-    assert index.ntotal == vectors
+    assert index_count(store.current()) == vectors
     assert store.current().version != published.version
 
 
@@ -331,7 +330,7 @@ def test_disk_full_and_read_only_home_fail_clearly_and_publish_nothing_half(tmp_
         message = str(caught.value)
         assert "No space left on device" in message or "full" in message.lower(), message
         assert store.current().version == published.version
-        assert read_index(store.current().index_file).ntotal == first["row_count"]
+        assert index_count(store.current()) == first["row_count"]
         assert _index_listing(store) == before  # no scratch or half-written version left behind
 
         ballast.unlink()
@@ -352,7 +351,7 @@ def test_disk_full_and_read_only_home_fail_clearly_and_publish_nothing_half(tmp_
             # read-only home (shared lock on a read-only file) and keeps the published version.
             assert pipeline.run_index()["build_mode"] == "unchanged"
             assert store.current().version == published.version
-            assert read_index(store.current().index_file).ntotal == second["row_count"]
+            assert index_count(store.current()) == second["row_count"]
             assert _index_listing(store) == before
         finally:
             subprocess.run(["mount", "-o", "remount,rw", str(tiny_tmpfs)], check=False)

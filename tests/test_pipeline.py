@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from embedding_assets.core.identity import vector_id
-from embedding_assets.core.ivf import read_index
+from embedding_assets.core.index_version import IndexVersion
 from tests.pipeline_support import QUERIES, make_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,12 +113,16 @@ def test_published_index_maps_ids_back_to_chunks(built):
     manifest = published.manifest
     assert manifest["dimension"] == 384 and manifest["metric"] == "inner_product"
     assert manifest["model_fingerprint"] == pipeline.resources["model"].model_fingerprint()
-    faiss_index = read_index(published.index_file)
-    assert faiss_index.ntotal == manifest["count"]
-    chunk_ids = [r[0] for r in pipeline.rows("SELECT chunk_id FROM embeddings")]
-    vector, = pipeline.rows("SELECT vector FROM embeddings WHERE chunk_id = ?", [chunk_ids[0]])[0]
-    _, found = faiss_index.search(np.asarray([vector], dtype=np.float32), 1)
-    assert int(found[0][0]) == vector_id(chunk_ids[0])
+    version = IndexVersion.open(published.path, verify="full")
+    assert version.index.ntotal == manifest["count"] == version.chunks.num_rows
+    rows = pipeline.rows(
+        """SELECT e.chunk_id, e.vector, k.text, k.source, d.relative_path FROM embeddings e
+           JOIN chunks k USING (chunk_id) JOIN documents d USING (doc_id) ORDER BY e.chunk_id LIMIT 5""")
+    for chunk, vector, text, source, path in rows:
+        _, found = version.search(np.asarray([vector], dtype=np.float32), 1)
+        assert int(found[0][0]) == vector_id(chunk)
+        row, = version.chunk_rows(version.rows_of([vector_id(chunk)]))
+        assert (row["chunk_id"], row["text"], row["source"], row["doc_path"]) == (chunk, text, source, path)
 
 
 def test_second_materialize_with_nothing_changed_embeds_nothing(built):

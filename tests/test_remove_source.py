@@ -8,7 +8,7 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from embedding_assets.core.ivf import read_index
+from tests.pipeline_support import index_count
 from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
 from embedding_assets.stages.remove_source import SourceRemovalError, remove_source
 from tests.pipeline_support import make_pipeline
@@ -51,6 +51,6 @@ def test_remove_source_deletes_rows_partition_and_vectors(tmp_path, instance):
     assert index["row_count"] == live > 0
     published = pipeline.resources["index_store"].current()
     assert not alpha_ids & set(np.load(published.path / "ids.npy").tolist())
-    assert read_index(published.index_file).ntotal == live
+    assert index_count(published) == live
     with pytest.raises(SourceRemovalError, match="no source named"):
         remove_source(pipeline.warehouse, instance, "alpha")

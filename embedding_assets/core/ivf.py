@@ -200,11 +200,6 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
     return float(np.mean(recalls)) if recalls else 1.0
 
 
-def _measure_recall(index: faiss.Index, queries: np.ndarray, true_ids: np.ndarray, k: int) -> float:
-    _, found = index.search(queries, k)
-    return recall_at_k(found, true_ids, k)
-
-
 def required_recall(target: float, queries: int, k: int, z: float = 1.645) -> float:
     """Recall the sample must show so that ``target`` holds beyond it: ``target + z * sqrt(t(1-t)/(queries*k))``.
 
@@ -224,7 +219,34 @@ def tune_nprobe(
     target_recall: float = 0.95,
     z: float = 1.645,
 ) -> tuple[int, float]:
-    """Smallest nprobe whose recall@k against ``true_ids`` reaches ``target_recall`` with a margin.
+    """Smallest nprobe of a float index whose recall@k against ``true_ids`` reaches ``target_recall`` with a margin.
+
+    See :func:`tune_search`; leaves the index set to the chosen nprobe. A flat index returns ``(0, its recall)``.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+
+    def search(nprobe: int) -> np.ndarray:
+        if nprobe:
+            set_nprobe(index, nprobe)
+        return index.search(queries, k)[1]
+
+    nprobe, recall = tune_search(search, ivf_nlist(index), true_ids, k=k, target_recall=target_recall, queries=len(queries), z=z)
+    if nprobe:
+        set_nprobe(index, nprobe)
+    return nprobe, recall
+
+
+def tune_search(
+    search,
+    nlist: int,
+    true_ids: np.ndarray,
+    *,
+    k: int = 10,
+    target_recall: float = 0.95,
+    queries: int | None = None,
+    z: float = 1.645,
+) -> tuple[int, float]:
+    """Smallest nprobe in [1, nlist] for which ``search(nprobe)`` (found ids, (nq, k)) reaches the recall target.
 
     The sampled queries only estimate recall; the smallest nprobe that just reaches the target on
     them misses it on other queries about half of the time. So the bar is
@@ -232,28 +254,25 @@ def tune_nprobe(
     ``z=0`` tunes to the bare target.
 
     Tries 1, 2, 4, ... up to nlist, then binary-searches between the last miss and the first
-    hit (recall grows with nprobe). Returns ``(nprobe, measured recall)`` and leaves the
-    index set to that nprobe. If even nlist misses the bar (lossy codes such as SQ8),
-    returns ``(nlist, its recall)`` so the caller can report the shortfall. A flat index
-    returns ``(0, its recall)``.
+    hit (recall grows with nprobe). Returns ``(nprobe, measured recall)``. If even nlist misses
+    the bar (lossy codes), returns ``(nlist, its recall)`` so the caller can report the shortfall.
+    With ``nlist == 0`` (a flat index) returns ``(0, recall of search(0))``.
     """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    target_recall = required_recall(target_recall, len(queries), k, z)
-    nlist = ivf_nlist(index)
+    queries = len(true_ids) if queries is None else queries
+    bar = required_recall(target_recall, queries, k, z)
     if nlist == 0:
-        return 0, _measure_recall(index, queries, true_ids, k)
+        return 0, recall_at_k(search(0), true_ids, k)
     recall_at: dict[int, float] = {}
 
     def recall_with(nprobe: int) -> float:
         if nprobe not in recall_at:
-            set_nprobe(index, nprobe)
-            recall_at[nprobe] = _measure_recall(index, queries, true_ids, k)
+            recall_at[nprobe] = recall_at_k(search(nprobe), true_ids, k)
         return recall_at[nprobe]
 
     miss, hit = 0, None
     nprobe = 1
     while True:
-        if recall_with(nprobe) >= target_recall:
+        if recall_with(nprobe) >= bar:
             hit = nprobe
             break
         miss = nprobe
@@ -261,15 +280,13 @@ def tune_nprobe(
             break
         nprobe = min(nprobe * 2, nlist)
     if hit is None:
-        set_nprobe(index, nlist)
         return nlist, recall_at[nlist]
     while hit - miss > 1:
         middle = (miss + hit) // 2
-        if recall_with(middle) >= target_recall:
+        if recall_with(middle) >= bar:
             hit = middle
         else:
             miss = middle
-    set_nprobe(index, hit)
     return hit, recall_at[hit]
 
 

@@ -1,138 +1,228 @@
-"""Stage 7, ``faiss_index``: one IVF index over every partition's canonical vectors, published atomically.
+"""Stage 7, ``faiss_index``: a self-contained index version built from the quantized codes of one snapshot.
 
-Lifecycle of the index:
-
-- **unchanged**: the live vector ids equal the published ones and the settings match: nothing is
-  written, the published version stays.
-- **incremental**: the published index still fits (same model and factory template, the count has not
-  grown past 2x what the quantizer was trained on, added vectors are not drifting away from the
-  centroids): removed ids go out with ``remove_ids``, new vectors go in with ``add_with_ids``, no retraining.
-- **full**: otherwise the index is trained again from a fresh sample and every vector is added.
-
-Either way nprobe is re-tuned against exact search, and the new version is published through the
-index store; the previous version stays current and loadable until the new one is complete.
-The published version keeps its sorted vector ids (``ids.npy``) so the next build can diff against them.
+1. **One snapshot.** Under one read of the warehouse (one connection, the shared lock held only for that
+   read) the live set is exported to a scratch Parquet file: per live canonical chunk with codes of the
+   model, its vector id, chunk id, source, document path, heading path, title, text, int8 and binary
+   codes, and the float32 vector (used only to measure recall, never served), plus the calibration
+   ranges. Everything after that reads the scratch file, so writers are never waited for and whatever
+   lands later goes into the next build. Chunks still waiting for codes are counted (``pending``).
+2. **Lifecycle** against the published version:
+   - *unchanged*: the live set's digest (count, vector ids, display metadata), the model and the
+     settings match the current version and its files are intact: nothing is written.
+   - *incremental*: the current version's trained quantizer still fits (same model, layout and
+     settings; the count has not grown past 2x or shrunk below 1/2 of what it was trained on; added
+     codes are not drifting away from the centroids): ``remove_ids`` / ``add_with_ids`` on its index.
+   - *full*: the coarse quantizer is trained again on a sample of the codes and every code is added.
+3. **Tuning**: nprobe (and for ``binary`` the rescore multiplier) are chosen on the version's own
+   search code so that recall@10 against exact float32 search reaches the target with a sampling margin;
+   among settings that reach it, the cheapest (``estimate_cost``).
+4. **Publishing** through the index store: gates run first (``gate_snapshot`` before building,
+   ``gate_index`` before publishing); at most one build runs at a time (the store's build lock).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from embedding_assets.core import index_version as iv
 from embedding_assets.core.ivf import (
     MIN_POINTS_PER_CENTROID,
     IndexBuildError,
-    add_vectors,
-    build_index,
-    centroid_similarity,
     choose_nlist,
     exact_top_k,
-    factory_string,
-    ivf_nlist,
-    read_index,
-    remove_ids,
     required_recall,
     retrain_reason,
     sample_rows,
-    tune_nprobe,
-    write_index,
+    tune_search,
 )
+from embedding_assets.core.quantization import ranges_from_bytes
 from embedding_assets.stages import ProgressFn, no_progress
 from resources.index_store import IndexStoreResource, PublishedIndex
 from resources.warehouse import WarehouseResource, arrow_to_vectors
 
-# Live canonical vectors of one model: what the index must hold, exactly.
-_LIVE_VECTORS = """
-    FROM embeddings e JOIN chunk_dedup x USING (chunk_id) JOIN chunks k USING (chunk_id)
-    WHERE e.model_fingerprint = ? AND x.status = 'canonical'"""
 MAX_TRAINING_POINTS_PER_CENTROID = 256
-# How nprobe is tuned (see ivf.tune_nprobe); an index tuned by another rule is re-tuned, not kept as is.
-NPROBE_RULE = "smallest nprobe with sample recall >= required_recall(target, queries, k, z=1.645)"
-FETCH_BATCH = 8192
+# How nprobe is tuned; an index tuned by another rule is re-tuned, not kept as is.
+NPROBE_RULE = "cheapest (nprobe, rescore multiplier) with sample recall >= required_recall(target, queries, k, z=1.645)"
+RESCORE_MULTIPLIERS = (1, 2, 4, 8, 16, 32)
+BATCH_ROWS = 8192
+SNAPSHOT_FILE = "snapshot.parquet"
 
-
-class MissingVectors(IndexBuildError):
-    """Live canonical chunks have no vector of the model yet; ``missing`` is {source: count}."""
-
-    def __init__(self, model_fingerprint: str, missing: dict[str, int]):
-        detail = ", ".join(f"{source}: {n}" for source, n in missing.items())
-        super().__init__(
-            f"not every live chunk has a vector of model {model_fingerprint} ({detail}); "
-            "materialize embeddings for those sources first"
-        )
-        self.missing = missing
-
-
-class CorpusChanged(IndexBuildError):
-    """Another run changed the live chunks or vectors while this build was reading them; build again."""
-
-
-@dataclass(frozen=True)
-class LiveSnapshot:
-    """What the index must hold, summarized in one read: live canonical chunks, how many have a vector
-    of the model, and XOR digests of their vector ids. Equal snapshots before and after a build mean
-    no run wrote in between."""
-
-    canonical: int
-    with_vectors: int
-    chunk_digest: int
-    vector_digest: int
-
-
-def live_snapshot(warehouse: WarehouseResource, model_fingerprint: str) -> LiveSnapshot:
-    row = warehouse.query_rows(
-        """SELECT count(*), count(e.vector_id), coalesce(bit_xor(k.vector_id), 0), coalesce(bit_xor(e.vector_id), 0)
-           FROM chunks k JOIN chunk_dedup x USING (chunk_id)
-           LEFT JOIN embeddings e ON e.chunk_id = k.chunk_id AND e.model_fingerprint = ?
-           WHERE x.status = 'canonical'""",
-        [model_fingerprint],
-    )[0]
-    return LiveSnapshot(*(int(v) for v in row))
+# The live set the index must hold: live canonical chunks with int8/binary codes of the model. Two `?`: the
+# model fingerprint for the codes, then for the float32 vectors.
+LIVE_SET = """
+    FROM chunks k
+    JOIN chunk_dedup x ON x.chunk_id = k.chunk_id AND x.status = 'canonical'
+    JOIN quantized_embeddings q ON q.chunk_id = k.chunk_id AND q.model_fingerprint = ?
+    JOIN embeddings e ON e.chunk_id = k.chunk_id AND e.model_fingerprint = ?
+    JOIN documents d ON d.doc_id = k.doc_id
+    LEFT JOIN (SELECT doc_id, any_value(title) AS title FROM cleaned_documents GROUP BY doc_id) c ON c.doc_id = k.doc_id"""
 
 
 @dataclass(frozen=True)
 class IndexSettings:
-    factory_template: str = "IVF{nlist},Flat"
+    layout: str = "binary"
     target_recall: float = 0.95
     recall_k: int = 10
     recall_queries: int = 200
     min_nlist: int = 8
     max_growth: float = 2.0  # retrain when the corpus grows past this multiple of the trained count
 
+    def __post_init__(self):
+        if self.layout not in iv.LAYOUTS:
+            raise IndexBuildError(f"index layout {self.layout!r} is not one of {', '.join(iv.LAYOUTS)} (EMBEDDING_INDEX_LAYOUT)")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise IndexBuildError(f"target recall must be in (0, 1], got {self.target_recall} (EMBEDDING_TARGET_RECALL)")
+        if self.recall_queries < 1 or self.recall_k < 1 or self.min_nlist < 1:
+            raise IndexBuildError("recall_queries, recall_k and min_nlist must be >= 1")
+
+    def tuning(self, count: int) -> dict[str, Any]:
+        """The settings a published version must share to be kept as is."""
+        return {"layout": self.layout, "target_recall": self.target_recall, "recall_k": min(self.recall_k, count),
+                "recall_queries": self.recall_queries, "min_nlist": self.min_nlist, "nprobe_rule": NPROBE_RULE}
+
 
 @dataclass
 class IndexReport:
     mode: str = ""  # unchanged | incremental | full
     retrain_reason: str = ""
+    layout: str = ""
     version: str = ""
     count: int = 0
+    pending: int = 0  # live chunks still waiting for codes: they go into the next build
     added: int = 0
     removed: int = 0
     dimension: int = 0
-    factory: str = ""
     nlist: int = 0
     nprobe: int = 0
+    rescore_multiplier: int = 1
     recall_at_k: float = 0.0
     training_points: int = 0
     index_bytes: int = 0
+    version_bytes: int = 0
     seconds: float = 0.0
 
 
-def missing_vectors(warehouse: WarehouseResource, model_fingerprint: str) -> dict[str, int]:
-    """Per source: live canonical chunks without a vector of this model (must be 0 to build)."""
-    return dict(
-        warehouse.query_rows(
-            """SELECT k.source, count(*) FROM chunks k JOIN chunk_dedup x USING (chunk_id)
-               WHERE x.status = 'canonical' AND NOT EXISTS (SELECT 1 FROM embeddings e
-                     WHERE e.chunk_id = k.chunk_id AND e.model_fingerprint = ?)
-               GROUP BY k.source ORDER BY k.source""",
-            [model_fingerprint],
+@dataclass(frozen=True)
+class Snapshot:
+    """The live set, exported in one read: ``path`` (Parquet, rows sorted by vector id) and its digest."""
+
+    path: Path
+    count: int
+    digest: dict[str, int]
+    ranges: np.ndarray
+    pending: int
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        yield from pq.ParquetFile(self.path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+
+    def vector_ids(self) -> np.ndarray:
+        parts = [b.column(0).to_numpy().astype(np.int64) for b in self.batches(["vector_id"])]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+GateFn = Callable[..., None]
+
+
+def _no_gate(*args, **kwargs) -> None:
+    return None
+
+
+def live_digest(con, model_fingerprint: str) -> dict[str, int]:
+    """Count, XOR of vector ids and XOR of a hash of display metadata of the live set: equal digests
+    mean a version built now would hold the same vectors and show the same chunks."""
+    count, ids, meta = con.execute(
+        f"""SELECT count(*), coalesce(bit_xor(q.vector_id), 0),
+                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''))), 0) {LIVE_SET}""",
+        [model_fingerprint, model_fingerprint],
+    ).fetchall()[0]
+    return {"count": int(count), "vector_ids": int(ids), "metadata": int(meta)}
+
+
+def pending_chunks(con, model_fingerprint: str) -> int:
+    """Live canonical chunks without codes of the model yet (an ingest still on its way)."""
+    return int(con.execute(
+        """SELECT count(*) FROM chunks k JOIN chunk_dedup x ON x.chunk_id = k.chunk_id AND x.status = 'canonical'
+           WHERE NOT EXISTS (SELECT 1 FROM quantized_embeddings q WHERE q.chunk_id = k.chunk_id AND q.model_fingerprint = ?)""",
+        [model_fingerprint],
+    ).fetchall()[0][0])
+
+
+def take_snapshot(con, model_fingerprint: str, folder: Path) -> Snapshot:
+    """Export the live set into ``folder/snapshot.parquet`` through ``con`` (one consistent read)."""
+    rows = con.execute("SELECT ranges, dim FROM quantization_ranges WHERE model_fingerprint = ?", [model_fingerprint]).fetchall()
+    row = rows[0] if rows else None
+    digest = live_digest(con, model_fingerprint)
+    pending = pending_chunks(con, model_fingerprint)
+    if row is None or digest["count"] == 0:
+        raise IndexBuildError(
+            "no vectors to index: materialize at least one source first"
+            + (f" ({pending} live chunks are still waiting for their embeddings)" if pending else "")
         )
-    )
+    path = folder / SNAPSHOT_FILE
+    con.sql(
+        f"""SELECT q.vector_id, k.chunk_id, k.source, d.relative_path AS doc_path, k.heading_path, c.title, k.text,
+                   k.token_count, q.int8, q.ubinary, e.vector {LIVE_SET} ORDER BY q.vector_id""",
+        params=[model_fingerprint, model_fingerprint],
+    ).write_parquet(str(path), row_group_size=BATCH_ROWS)
+    count = pq.ParquetFile(path).metadata.num_rows
+    if count != digest["count"]:  # cannot happen under the read lock; a bug if it does
+        raise IndexBuildError(f"snapshot holds {count} rows, the digest {digest['count']}: report this as a bug")
+    return Snapshot(path=path, count=count, digest=digest, ranges=ranges_from_bytes(bytes(row[0]), row[1]), pending=pending)
+
+
+def build_and_publish(
+    warehouse: WarehouseResource,
+    index_store: IndexStoreResource,
+    *,
+    model_fingerprint: str,
+    dimension: int,
+    settings: IndexSettings,
+    gate_snapshot: GateFn = _no_gate,
+    gate_index: GateFn = _no_gate,
+    progress: ProgressFn = no_progress,
+) -> tuple[IndexReport, PublishedIndex]:
+    """Build a version from one snapshot of the live set and publish it (or keep the current one if nothing changed).
+
+    ``gate_snapshot(snapshot_path, count)`` runs before anything is built and ``gate_index(manifest, count)`` before
+    publishing; either raises to stop, and then the current version stays current.
+    Raises IndexBuildError when there is nothing to index or the vectors cannot be indexed.
+    """
+    started = time.perf_counter()
+    report = IndexReport(dimension=dimension, layout=settings.layout)
+    with index_store.build_lock(), ExitStack() as stack:
+        current = index_store.current(verify="full")
+        work = stack.enter_context(index_store.scratch())
+        with warehouse.connect(read_only=True) as con:
+            digest = live_digest(con, model_fingerprint)
+            kept = _unchanged(current, digest, model_fingerprint, dimension, settings)
+            if kept is None:
+                snapshot = take_snapshot(con, model_fingerprint, work)
+            else:
+                report.pending = pending_chunks(con, model_fingerprint)
+        if kept is not None:
+            _report_kept(report, kept)
+            report.seconds = time.perf_counter() - started
+            return report, kept
+        report.count, report.pending = snapshot.count, snapshot.pending
+        gate_snapshot(snapshot.path, snapshot.count)
+        scratch = stack.enter_context(index_store.new_version())
+        manifest = _build(snapshot, current, scratch, report, model_fingerprint, dimension, settings, progress)
+        gate_index(manifest, snapshot.count)
+        published = index_store.publish(scratch, manifest)
+    report.version = published.version
+    report.version_bytes = sum(f["bytes"] for f in published.manifest.get("files", {}).values())
+    report.seconds = time.perf_counter() - started
+    return report, published
 
 
 def current_if_unchanged(
@@ -143,214 +233,256 @@ def current_if_unchanged(
     dimension: int,
     settings: IndexSettings,
 ) -> PublishedIndex | None:
-    """The published index when a build would change nothing (same live ids, model and settings), else None.
-
-    Cheap (one id query): lets an orchestrator skip launching a no-op index run.
-    """
+    """The published version when a build would change nothing, else None. One digest query: lets an
+    orchestrator skip launching a no-op index run."""
     current = index_store.current()
-    if current is None or missing_vectors(warehouse, model_fingerprint):
+    if current is None:
         return None
-    live_ids = _live_ids(warehouse, model_fingerprint)
-    if not len(live_ids):
-        return None
-    return current if _plan(current, live_ids, model_fingerprint, dimension, settings).mode == "unchanged" else None
+    with warehouse.connect(read_only=True) as con:
+        digest = live_digest(con, model_fingerprint)
+    return _unchanged(current, digest, model_fingerprint, dimension, settings)
 
 
-def build_and_publish(
-    warehouse: WarehouseResource,
-    index_store: IndexStoreResource,
-    *,
-    model_fingerprint: str,
-    dimension: int,
-    settings: IndexSettings,
-    progress: ProgressFn = no_progress,
-) -> tuple[IndexReport, PublishedIndex]:
-    started = time.perf_counter()
-    snapshot = live_snapshot(warehouse, model_fingerprint)
-    if snapshot.with_vectors != snapshot.canonical:
-        missing = missing_vectors(warehouse, model_fingerprint)
-        if missing:
-            raise MissingVectors(model_fingerprint, missing)
-        raise CorpusChanged("vectors were written while the index build started")
-    live_ids = _live_ids(warehouse, model_fingerprint)
-    n = len(live_ids)
-    if n != snapshot.with_vectors:
-        raise CorpusChanged(f"{n} live vectors read, {snapshot.with_vectors} a moment before")
-    if n == 0:
-        raise IndexBuildError("no vectors to index: materialize at least one source first")
+def _unchanged(current: PublishedIndex | None, digest: dict[str, int], fingerprint: str, dimension: int,
+               settings: IndexSettings) -> PublishedIndex | None:
+    if current is None or current.fallback_from or digest["count"] == 0:
+        return None
+    m = current.manifest
+    same = (
+        m.get("model_fingerprint") == fingerprint
+        and m.get("dimension") == dimension
+        and m.get("digest") == digest
+        and m.get("tuning") == settings.tuning(digest["count"])
+    )
+    return current if same else None
+
+
+def _report_kept(report: IndexReport, kept: PublishedIndex) -> None:
+    m = kept.manifest
+    report.mode, report.version, report.count = "unchanged", kept.version, int(m["count"])
+    report.nlist, report.nprobe, report.rescore_multiplier = m["nlist"], m["nprobe"], m.get("rescore_multiplier", 1)
+    report.recall_at_k, report.training_points = m["recall_at_k"], m.get("training_points", 0)
+    report.index_bytes = m["files"][iv.INDEX_FILE[m["layout"]]]["bytes"]
+    report.version_bytes = sum(f["bytes"] for f in m["files"].values())
+
+
+def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, report: IndexReport,
+           fingerprint: str, dimension: int, settings: IndexSettings, progress: ProgressFn) -> dict[str, Any]:
+    n, layout, ranges = snapshot.count, settings.layout, snapshot.ranges
+    if ranges.shape != (2, dimension):
+        raise IndexBuildError(f"calibration ranges have shape {ranges.shape}, the model's dimension is {dimension}")
+    live_ids = snapshot.vector_ids()
     if len(np.unique(live_ids)) != n:
         raise IndexBuildError(f"vector id collisions among {n} chunks; report this as a bug")
-    report = IndexReport(dimension=dimension, count=n)
-    current = index_store.current()
-    plan = _plan(current, live_ids, model_fingerprint, dimension, settings)
 
-    if plan.mode == "unchanged":
-        report.mode = "unchanged"
-        m = current.manifest
-        report.version, report.factory, report.nlist, report.nprobe = current.version, m["factory"], m["nlist"], m["nprobe"]
-        report.recall_at_k, report.training_points = m["recall_at_k"], m.get("training_points", 0)
-        report.index_bytes = current.index_file.stat().st_size
-        report.seconds = time.perf_counter() - started
-        return report, current
-
-    index = None
-    trained_count = trained_similarity = None
-    if plan.mode == "incremental":
-        index = read_index(current.index_file)
-        added_vectors = _fetch(warehouse, model_fingerprint, plan.added, dimension)
-        reason = retrain_reason(
-            nlist=ivf_nlist(index),
-            trained_count=int(current.manifest["trained_count"]),
-            live_count=n,
-            flat_would_be_ivf=choose_nlist(n, min_nlist=settings.min_nlist) > 0,
-            trained_similarity=current.manifest.get("trained_similarity"),
-            added_similarity=centroid_similarity(index, added_vectors),
-            max_growth=settings.max_growth,
-        )
-        if reason is None:
-            report.removed = remove_ids(index, plan.removed)
-            if len(plan.added):
-                add_vectors(index, plan.added, added_vectors)
-            report.added = len(plan.added)
-            report.mode = "incremental"
-            trained_count = int(current.manifest["trained_count"])
-            trained_similarity = current.manifest.get("trained_similarity")
-            report.factory = current.manifest["factory"]
-            report.training_points = int(current.manifest.get("training_points", 0))
-        else:
-            index, plan.reason = None, reason
+    index, added, trained = _incremental_start(snapshot, current, live_ids, report, fingerprint, dimension, settings)
     if index is None:
-        report.mode, report.retrain_reason = "full", plan.reason
-        report.factory = factory_string(n, settings.factory_template, min_nlist=settings.min_nlist)
-        nlist = _nlist_of(report.factory)
+        report.mode = "full"
+        nlist = choose_nlist(n, min_nlist=settings.min_nlist)
+        index = iv.new_index(layout, dimension, nlist, ranges)
         training_size = min(n, MAX_TRAINING_POINTS_PER_CENTROID * nlist) if nlist else 0
         if nlist and training_size < MIN_POINTS_PER_CENTROID * nlist:
             raise IndexBuildError(f"{n} vectors cannot train {nlist} lists (need {MIN_POINTS_PER_CENTROID} per list)")
-        training = _fetch(warehouse, model_fingerprint, live_ids[sample_rows(n, training_size, seed=0)], dimension)
-        index = build_index(report.factory, dimension, training)
-        trained_count, trained_similarity = n, centroid_similarity(index, training)
-        report.training_points = len(training)
+        if nlist:
+            int8_sample, binary_sample = _codes_at(snapshot, sample_rows(n, training_size, seed=0), dimension)
+            iv.train(index, layout, int8_sample, binary_sample, ranges)
+            trained = {"trained_count": n, "trained_similarity": iv.centroid_fit(index, layout, int8_sample, binary_sample, ranges),
+                       "training_points": training_size}
+        else:
+            trained = {"trained_count": n, "trained_similarity": None, "training_points": 0}
+        added = None  # every row
         report.added = n
-        for ids, vectors in _stream(warehouse, model_fingerprint, dimension):
-            add_vectors(index, ids, vectors)
-            progress("faiss_index", int(index.ntotal), n, "vectors")
-    if int(index.ntotal) != n:
-        raise CorpusChanged(f"index holds {index.ntotal} vectors but {n} chunks were live when the build started")
+    report.training_points = int(trained["training_points"])
 
-    queries = _fetch(warehouse, model_fingerprint, live_ids[sample_rows(n, min(n, settings.recall_queries), seed=1)], dimension)
+    # One pass over the snapshot: the version's row files, and the codes the index still needs.
+    query_rows = sample_rows(n, min(n, settings.recall_queries), seed=1)
+    queries = np.empty((len(query_rows), dimension), dtype=np.float32)
+    ids_out = np.lib.format.open_memmap(scratch / iv.IDS_FILE, mode="w+", dtype=np.int64, shape=(n,))
+    int8_out = (np.lib.format.open_memmap(scratch / iv.INT8_FILE, mode="w+", dtype=np.int8, shape=(n, dimension))
+                if layout == "binary" else None)
+    position = 0
+    with pa.ipc.new_file(str(scratch / iv.CHUNKS_FILE), iv.CHUNK_SCHEMA) as chunk_writer:
+        for batch in snapshot.batches(["vector_id", "chunk_id", "source", "doc_path", "heading_path", "title", "text",
+                                       "int8", "ubinary", "vector"]):
+            rows = len(batch)
+            ids = batch.column("vector_id").to_numpy().astype(np.int64)
+            int8_codes = _codes(batch.column("int8"), np.int8, dimension)
+            binary_codes = _codes(batch.column("ubinary"), np.uint8, dimension // 8)
+            ids_out[position: position + rows] = ids
+            if int8_out is not None:
+                int8_out[position: position + rows] = int8_codes
+            chunk_writer.write_batch(pa.record_batch(
+                [batch.column(name) for name in iv.CHUNK_SCHEMA.names], schema=iv.CHUNK_SCHEMA))
+            take = np.ones(rows, dtype=bool) if added is None else np.isin(ids, added, assume_unique=True)
+            if take.any():
+                iv.add(index, layout, ids[take], int8_codes[take], binary_codes[take], ranges)
+            in_batch = (query_rows >= position) & (query_rows < position + rows)
+            if in_batch.any():
+                queries[in_batch] = arrow_to_vectors(batch.column("vector"), dimension)[query_rows[in_batch] - position]
+            position += rows
+            progress("faiss_index", position, n, "vectors")
+    ids_out.flush()
+    del ids_out
+    if int8_out is not None:
+        int8_out.flush()
+        del int8_out
+    np.save(scratch / iv.RANGES_FILE, ranges.astype(np.float32))
+    iv.write_index(index, scratch / iv.INDEX_FILE[layout])
+
     k = min(settings.recall_k, n)
-    truth = exact_top_k(queries, _stream(warehouse, model_fingerprint, dimension), k)
-    report.nprobe, report.recall_at_k = tune_nprobe(index, queries, truth, k=k, target_recall=settings.target_recall)
-    report.nlist = ivf_nlist(index)
-
-    with index_store.new_version() as scratch:
-        write_index(index, scratch / "index.faiss")
-        np.save(scratch / "ids.npy", live_ids)
-        report.index_bytes = (scratch / "index.faiss").stat().st_size
-        if live_snapshot(warehouse, model_fingerprint) != snapshot:
-            raise CorpusChanged("another run changed the live chunks while the index was being built")
-        published = index_store.publish(
-            scratch,
-            {
-                "model_fingerprint": model_fingerprint,
-                "dimension": dimension,
-                "metric": "inner_product",
-                "factory": report.factory,
-                "factory_template": settings.factory_template,
-                "min_nlist": settings.min_nlist,
-                "nlist": report.nlist,
-                "nprobe": report.nprobe,
-                "count": n,
-                "recall_at_k": report.recall_at_k,
-                "recall_k": k,
-                "target_recall": settings.target_recall,
-                "recall_queries": settings.recall_queries,
-                "nprobe_rule": NPROBE_RULE,
-                "live_snapshot": dataclasses.asdict(snapshot),
-                "tuned_to_recall": required_recall(settings.target_recall, len(queries), k),
-                "training_points": report.training_points,
-                "trained_count": trained_count,
-                "trained_similarity": trained_similarity,
-                "build_mode": report.mode,
-                "ids": "ids.npy: sorted int64 vector ids = first 63 bits of chunk_id (chunks.vector_id)",
-            },
-        )
-    report.version = published.version
-    report.seconds = time.perf_counter() - started
-    return report, published
+    truth = exact_top_k(queries, _float_batches(snapshot, dimension), k)
+    manifest: dict[str, Any] = {
+        "format": iv.FORMAT,
+        "layout": layout,
+        "model_fingerprint": fingerprint,
+        "dimension": dimension,
+        "metric": "inner_product",
+        "count": int(index.ntotal),  # the count gate compares it with the snapshot's rows
+        "nlist": iv.nlist_of(index),
+        "nprobe": 0,
+        "rescore_multiplier": 1,
+        "digest": snapshot.digest,
+        "tuning": settings.tuning(n),
+        "recall_k": k,
+        "target_recall": settings.target_recall,
+        "tuned_to_recall": required_recall(settings.target_recall, len(queries), k),
+        "build_mode": report.mode,
+        "retrain_reason": report.retrain_reason,
+        "pending_chunks": snapshot.pending,
+        **trained,
+    }
+    version = iv.IndexVersion.open(scratch, {**manifest, "files": _sizes(scratch, layout)})
+    manifest["nprobe"], manifest["rescore_multiplier"], manifest["recall_at_k"] = _tune(version, queries, truth, k, settings)
+    report.nlist, report.nprobe = manifest["nlist"], manifest["nprobe"]
+    report.rescore_multiplier, report.recall_at_k = manifest["rescore_multiplier"], manifest["recall_at_k"]
+    report.index_bytes = (scratch / iv.INDEX_FILE[layout]).stat().st_size
+    return manifest
 
 
-@dataclass
-class _Plan:
-    mode: str  # unchanged | incremental | full
-    reason: str = ""
-    added: np.ndarray | None = None
-    removed: np.ndarray | None = None
-
-
-def _plan(current: PublishedIndex | None, live_ids: np.ndarray, fingerprint: str, dimension: int, settings: IndexSettings) -> _Plan:
-    if current is None:
-        return _Plan("full", "no index published yet")
+def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimension, settings):
+    """The current version's index with removed ids taken out, the ids still to add and its training
+    facts — or ``(None, None, None)`` when a full build is needed (``report.retrain_reason`` says why)."""
+    reason = _full_build_reason(current, fingerprint, dimension, settings)
+    if reason is None:
+        try:
+            old_ids = np.load(current.path / iv.IDS_FILE)
+            index = iv.read_index(current.path / iv.INDEX_FILE[settings.layout], settings.layout)
+        except (OSError, ValueError, RuntimeError) as exc:
+            reason = f"the current version cannot be read ({exc})"
+    if reason is not None:
+        report.retrain_reason = reason
+        return None, None, None
     m = current.manifest
-    for key, want in (
-        ("model_fingerprint", fingerprint),
-        ("dimension", dimension),
-        ("factory_template", settings.factory_template),
-        ("min_nlist", settings.min_nlist),
-    ):
-        if m.get(key) != want:
-            return _Plan("full", f"{key} changed ({m.get(key)} -> {want})")
-    ids_file = current.path / "ids.npy"
-    if not ids_file.exists() or m.get("trained_count") is None:
-        return _Plan("full", "published index has no id list")
-    old_ids = np.load(ids_file)
     added = np.setdiff1d(live_ids, old_ids, assume_unique=True)
     removed = np.setdiff1d(old_ids, live_ids, assume_unique=True)
-    same_tuning = (m.get("target_recall"), m.get("recall_k"), m.get("recall_queries"), m.get("nprobe_rule")) == (
-        settings.target_recall, min(settings.recall_k, len(live_ids)), settings.recall_queries, NPROBE_RULE,
+    added_int8, added_binary = _codes_of(snapshot, added[: 10_000], snapshot.ranges.shape[1])
+    reason = retrain_reason(
+        nlist=iv.nlist_of(index),
+        trained_count=int(m["trained_count"]),
+        live_count=len(live_ids),
+        flat_would_be_ivf=choose_nlist(len(live_ids), min_nlist=settings.min_nlist) > 0,
+        trained_similarity=m.get("trained_similarity"),
+        added_similarity=iv.centroid_fit(index, settings.layout, added_int8, added_binary, snapshot.ranges),
+        max_growth=settings.max_growth,
     )
-    if not len(added) and not len(removed) and same_tuning:
-        return _Plan("unchanged")
-    return _Plan("incremental", added=added, removed=removed)
+    if reason is not None:
+        report.retrain_reason = reason
+        return None, None, None
+    report.mode = "incremental"
+    report.removed = iv.remove(index, removed)
+    report.added = len(added)
+    trained = {key: m.get(key) for key in ("trained_count", "trained_similarity", "training_points")}
+    trained["training_points"] = trained["training_points"] or 0
+    return index, added, trained
 
 
-def _nlist_of(factory: str) -> int:
-    head = factory.split(",")[0]
-    return int(head[3:]) if head.startswith("IVF") and head[3:].isdigit() else 0
+def _full_build_reason(current: PublishedIndex | None, fingerprint: str, dimension: int, settings: IndexSettings) -> str | None:
+    if current is None:
+        return "no index published yet"
+    if current.fallback_from:
+        return f"the current version {current.fallback_from} is damaged"
+    m = current.manifest
+    for key, want in (("model_fingerprint", fingerprint), ("dimension", dimension), ("layout", settings.layout),
+                      ("format", iv.FORMAT)):
+        if m.get(key) != want:
+            return f"{key} changed ({m.get(key)} -> {want})"
+    if (m.get("tuning") or {}).get("min_nlist") != settings.min_nlist or m.get("trained_count") is None:
+        return "index settings changed"
+    return None
 
 
-def _live_ids(warehouse: WarehouseResource, model_fingerprint: str) -> np.ndarray:
-    parts = [
-        batch.column(0).to_numpy().astype(np.int64)
-        for batch in warehouse.stream_arrow(
-            f"SELECT e.vector_id {_LIVE_VECTORS} ORDER BY e.vector_id", [model_fingerprint], batch_rows=65536
-        )
-    ]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+def _tune(version: iv.IndexVersion, queries: np.ndarray, truth: np.ndarray, k: int, settings: IndexSettings) -> tuple[int, int, float]:
+    """(nprobe, rescore multiplier, recall) reaching the recall bar at the lowest estimated cost; when none
+    reaches it, the most accurate setting (the recall gate then refuses to publish)."""
+    nlist = iv.nlist_of(version.index)
+    bar = required_recall(settings.target_recall, len(queries), k)
+    multipliers = RESCORE_MULTIPLIERS if version.layout == "binary" else (1,)
+    options = []
+    for multiplier in multipliers:
+        def search(nprobe: int, multiplier=multiplier) -> np.ndarray:
+            version.set_search_params(nprobe=nprobe or None, rescore_multiplier=multiplier)
+            return version.search(queries, k)[1]
+
+        nprobe, recall = tune_search(search, nlist, truth, k=k, target_recall=settings.target_recall, queries=len(queries))
+        cost = iv.estimate_cost(version.layout, version.count, nlist, nprobe, k, multiplier)
+        options.append((recall >= bar, -cost, recall, nprobe, multiplier))
+        if recall >= bar and nprobe <= 1:
+            break  # a larger multiplier cannot lower nprobe further
+    feasible = [o for o in options if o[0]]
+    best = max(feasible, key=lambda o: o[1]) if feasible else max(options, key=lambda o: o[2])
+    return best[3], best[4], best[2]
 
 
-def _stream(warehouse: WarehouseResource, model_fingerprint: str, dimension: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for batch in warehouse.stream_arrow(
-        f"SELECT e.vector_id, e.vector {_LIVE_VECTORS} ORDER BY e.vector_id", [model_fingerprint], batch_rows=FETCH_BATCH
-    ):
-        yield batch.column(0).to_numpy().astype(np.int64), arrow_to_vectors(batch.column(1), dimension)
+def _sizes(folder: Path, layout: str) -> dict[str, dict[str, int]]:
+    return {name: {"bytes": (folder / name).stat().st_size} for name in iv.files_of(layout)}
 
 
-def _fetch(warehouse: WarehouseResource, model_fingerprint: str, ids: np.ndarray, dimension: int) -> np.ndarray:
-    """Vectors of the given vector ids, in the order given."""
-    out = np.empty((len(ids), dimension), dtype=np.float32)
-    position = {int(v): i for i, v in enumerate(ids)}
-    for start in range(0, len(ids), FETCH_BATCH):
-        chunk = [int(v) for v in ids[start : start + FETCH_BATCH]]
-        with warehouse.connect(read_only=True) as con:
-            table = con.sql(
-                "SELECT vector_id, vector FROM embeddings WHERE model_fingerprint = ? "
-                "AND vector_id IN (SELECT unnest(?::BIGINT[]))",
-                params=[model_fingerprint, chunk],
-            ).to_arrow_table()
-        if table.num_rows != len(chunk):
-            raise CorpusChanged(f"{len(chunk) - table.num_rows} of {len(chunk)} vectors were deleted while the index was being built")
-        vectors = arrow_to_vectors(table.column("vector"), dimension)
-        for vid, vector in zip(table.column("vector_id").to_pylist(), vectors):
-            out[position[vid]] = vector
-    return out
+def _codes(column: pa.ChunkedArray | pa.Array, dtype, width: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, width), dtype=dtype)
+    data = b"".join(column.to_pylist())
+    if len(data) != len(column) * width:
+        raise IndexBuildError(f"stored codes have {len(data) // max(len(column), 1)} bytes, expected {width}: "
+                              "re-materialize quantized_embeddings")
+    return np.frombuffer(data, dtype=dtype).reshape(len(column), width)
+
+
+def _codes_at(snapshot: Snapshot, positions: np.ndarray, dimension: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 and binary codes of the snapshot rows at sorted ``positions``."""
+    int8_parts, binary_parts, position = [], [], 0
+    for batch in snapshot.batches(["int8", "ubinary"]):
+        rows = len(batch)
+        local = positions[(positions >= position) & (positions < position + rows)] - position
+        if len(local):
+            int8_parts.append(_codes(batch.column("int8"), np.int8, dimension)[local])
+            binary_parts.append(_codes(batch.column("ubinary"), np.uint8, dimension // 8)[local])
+        position += rows
+    return _stack(int8_parts, np.int8, dimension), _stack(binary_parts, np.uint8, dimension // 8)
+
+
+def _codes_of(snapshot: Snapshot, vector_ids: np.ndarray, dimension: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 and binary codes of the given vector ids (any order)."""
+    int8_parts, binary_parts = [], []
+    if len(vector_ids):
+        for batch in snapshot.batches(["vector_id", "int8", "ubinary"]):
+            take = np.isin(batch.column("vector_id").to_numpy(), vector_ids)
+            if take.any():
+                int8_parts.append(_codes(batch.column("int8"), np.int8, dimension)[take])
+                binary_parts.append(_codes(batch.column("ubinary"), np.uint8, dimension // 8)[take])
+    return _stack(int8_parts, np.int8, dimension), _stack(binary_parts, np.uint8, dimension // 8)
+
+
+def _stack(parts: list[np.ndarray], dtype, width: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, width), dtype=dtype)
+
+
+def _float_batches(snapshot: Snapshot, dimension: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for batch in snapshot.batches(["vector_id", "vector"]):
+        yield batch.column("vector_id").to_numpy().astype(np.int64), arrow_to_vectors(batch.column("vector"), dimension)
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    """One line about a version for logs: layout, count, nlist, nprobe, recall."""
+    return json.dumps({k: manifest.get(k) for k in ("version", "layout", "count", "nlist", "nprobe", "rescore_multiplier", "recall_at_k")})
