@@ -6,8 +6,15 @@ import faiss
 import numpy as np
 import pytest
 
+from embedding_assets.core import index_version as iv
 from embedding_assets.core.identity import chunk_id, vector_id
-from embedding_assets.core.ivf import read_index
+from embedding_assets.core.quantization import (
+    calibration_ranges,
+    quantize_binary,
+    quantize_int8,
+    ranges_from_bytes,
+    ranges_to_bytes,
+)
 from embedding_assets.stages.faiss_index import IndexSettings, build_and_publish
 from resources import IndexStoreResource, WarehouseResource
 from resources.warehouse import insert_arrow, vectors_to_arrow
@@ -18,15 +25,28 @@ FP = "model-test"
 
 def clustered(n: int, seed: int, centers: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    x = centers[rng.integers(0, len(centers), n)] + 0.25 * rng.standard_normal((n, DIM))
+    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, DIM))
     x = x.astype(np.float32)
     faiss.normalize_L2(x)
     return x
 
 
 def add_rows(warehouse: WarehouseResource, start: int, vectors: np.ndarray) -> list[str]:
+    """Live canonical chunks with float vectors and their int8/binary codes, as stages 3-6 would write them."""
     ids = [chunk_id("doc", f"text{start + i}", 0) for i in range(len(vectors))]
     with warehouse.connect() as con:
+        stored = con.execute("SELECT ranges FROM quantization_ranges").fetchall()
+        if not stored:  # calibrated once on the first vectors, then reused (as quantized_embeddings does)
+            ranges = calibration_ranges(vectors)
+            insert_arrow(con, "documents", {"doc_id": ["doc"], "source": ["synthetic"], "relative_path": ["doc.txt"]})
+            insert_arrow(con, "quantization_ranges", {
+                "model_fingerprint": [FP], "ranges": [ranges_to_bytes(ranges)], "dim": [vectors.shape[1]], "sample_size": [len(vectors)]})
+        else:
+            ranges = ranges_from_bytes(bytes(stored[0][0]), vectors.shape[1])
+        insert_arrow(con, "quantized_embeddings", {
+            "chunk_id": ids, "vector_id": [vector_id(c) for c in ids], "source": ["synthetic"] * len(ids),
+            "model_fingerprint": [FP] * len(ids), "int8": [r.tobytes() for r in quantize_int8(vectors, ranges)],
+            "ubinary": [r.tobytes() for r in quantize_binary(vectors)]})
         insert_arrow(con, "chunks", {
             "chunk_id": ids, "vector_id": [vector_id(c) for c in ids], "doc_id": ["doc"] * len(ids),
             "source": ["synthetic"] * len(ids), "ordinal": list(range(len(ids))), "text": ids,
@@ -42,7 +62,7 @@ def add_rows(warehouse: WarehouseResource, start: int, vectors: np.ndarray) -> l
 
 def remove_rows(warehouse: WarehouseResource, ids: list[str]) -> None:
     with warehouse.connect() as con:
-        for table in ("chunks", "chunk_dedup", "embeddings"):
+        for table in ("chunks", "chunk_dedup", "embeddings", "quantized_embeddings"):
             con.execute(f"DELETE FROM {table} WHERE chunk_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
 
 
@@ -56,12 +76,13 @@ def build(stores, **settings):
     return build_and_publish(warehouse, index_store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(**settings))
 
 
-def test_lifecycle_full_incremental_retrain_unchanged(stores):
+@pytest.mark.parametrize("layout", iv.LAYOUTS)
+def test_lifecycle_full_incremental_retrain_unchanged(stores, layout):
     warehouse, index_store = stores
     centers = np.random.default_rng(0).standard_normal((40, DIM))
     first = add_rows(warehouse, 0, clustered(4000, 1, centers))
 
-    report, published = build(stores)
+    report, published = build(stores, layout=layout)
     assert report.mode == "full" and report.nlist > 0 and report.count == 4000
     assert report.recall_at_k >= 0.95 and 1 <= report.nprobe <= report.nlist
     trained_on = published.manifest["trained_count"]
@@ -69,23 +90,23 @@ def test_lifecycle_full_incremental_retrain_unchanged(stores):
     # 10% new vectors, 5% removed: added and removed without retraining.
     new = add_rows(warehouse, 4000, clustered(400, 2, centers))
     remove_rows(warehouse, first[:200])
-    report, published = build(stores)
+    report, published = build(stores, layout=layout)
     assert report.mode == "incremental" and report.added == 400 and report.removed == 200
     assert published.manifest["trained_count"] == trained_on
-    index = read_index(published.index_file)
-    assert index.ntotal == 4200
-    assert faiss.extract_index_ivf(index).nlist == report.nlist
+    version = iv.IndexVersion.open(published.path, verify="full")
+    assert version.index.ntotal == version.count == version.chunks.num_rows == 4200
+    assert iv.nlist_of(version.index) == report.nlist
     assert report.recall_at_k >= 0.95
     ids = set(np.load(published.path / "ids.npy").tolist())
     assert vector_id(new[0]) in ids and vector_id(first[0]) not in ids
 
     # Nothing changed: nothing is written, the same version stays current.
-    again, same = build(stores)
+    again, same = build(stores, layout=layout)
     assert again.mode == "unchanged" and same.version == published.version
 
     # Growth past 2x the trained count: retrain.
     add_rows(warehouse, 10_000, clustered(5000, 3, centers))
-    report, published = build(stores)
+    report, published = build(stores, layout=layout)
     assert report.mode == "full" and "2x" in report.retrain_reason
     assert published.manifest["trained_count"] == 9200
 
@@ -114,10 +135,10 @@ def test_failed_build_keeps_previous_version(stores, monkeypatch):
         path.write_bytes(b"half an index")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(stage, "write_index", broken_write)
+    monkeypatch.setattr(stage.iv, "write_index", broken_write)
     with pytest.raises(OSError):
         build(stores)
     current = index_store.current()
     assert current.version == published.version
-    assert read_index(current.index_file).ntotal == 1000
+    assert iv.IndexVersion.open(current.path, verify="full").index.ntotal == 1000
     assert not list((index_store.root / "staging").iterdir())  # no half-written version left behind

@@ -1,0 +1,253 @@
+"""Index versions: built from the quantized codes of one snapshot, self-contained, searched without the
+warehouse, repaired when damaged, and tuned so recall holds on queries the tuning never saw."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedding_assets.core import index_version as iv
+from embedding_assets.core.identity import vector_id
+from embedding_assets.core.ivf import exact_top_k, recall_at_k, sample_rows
+from embedding_assets.stages.faiss_index import IndexSettings, build_and_publish
+from resources import EmbeddingModelResource, IndexStoreResource, WarehouseResource
+from resources.index_store import IndexStoreError
+from tests.pipeline_support import make_pipeline
+from tests.test_index_lifecycle import DIM, FP, add_rows, build, clustered, stores  # noqa: F401 - fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ real vectors, both layouts, held-out recall
+
+
+def _real_sentences() -> list[str]:
+    """A few thousand distinct sentences of real prose from this repository's documents and fixtures."""
+    texts = []
+    for pattern in ("tests/fixtures/corpus/*/*", "data/sources/*/*", "docs/*.md", "README.md", "benchmarks/RESULTS.md"):
+        for path in sorted(REPO.glob(pattern)):
+            if path.is_file():
+                texts.append(path.read_text(errors="replace"))
+    sentences, seen = [], set()
+    for text in texts:
+        for line in text.replace(". ", ".\n").splitlines():
+            line = " ".join(line.split())
+            if len(line.split()) >= 5 and line not in seen:
+                seen.add(line)
+                sentences.append(line)
+    return sentences
+
+
+@pytest.fixture(scope="module")
+def real_vectors():
+    sentences = _real_sentences()
+    assert len(sentences) >= 600, len(sentences)
+    vectors, _ = EmbeddingModelResource().encode(sentences)
+    return np.asarray(vectors, dtype=np.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", iv.LAYOUTS)
+def test_both_layouts_on_real_vectors_meet_recall_on_held_out_queries(tmp_path, real_vectors, layout):
+    n, dim = real_vectors.shape
+    warehouse, store = WarehouseResource(home=str(tmp_path)), IndexStoreResource(home=str(tmp_path))
+    ids = _add_real(warehouse, real_vectors, dim)
+    report, published = build_and_publish(
+        warehouse, store, model_fingerprint=FP, dimension=dim,
+        settings=IndexSettings(layout=layout, target_recall=0.95, recall_queries=150, min_nlist=4),
+    )
+    assert report.mode == "full" and report.nlist >= 4 and report.recall_at_k >= 0.95
+    version = iv.IndexVersion.open(published.path, verify="full")
+    assert version.layout == layout
+    # Codes are the stored codes: the index is 4x (int8) or 32x (binary) smaller than float32 vectors.
+    index_bytes = published.manifest["files"][iv.INDEX_FILE[layout]]["bytes"]
+    assert index_bytes < n * dim * 4 / (3 if layout == "int8" else 12)
+    # Queries the tuning never saw: every row not among the tuning sample (seed 1).
+    tuned = set(sample_rows(n, 150, seed=1).tolist())
+    held_out = np.array([r for r in range(n) if r not in tuned])[:300]
+    queries = real_vectors[held_out]
+    truth = exact_top_k(queries, [(np.asarray(ids), real_vectors)], 10)
+    _, found = version.search(queries, 10)
+    assert recall_at_k(found, truth, 10) >= 0.95
+
+
+def _add_real(warehouse, vectors, dim) -> list[int]:
+    assert vectors.shape[1] == dim
+    return [vector_id(c) for c in add_rows(warehouse, 0, vectors)]
+
+
+# ------------------------------------------------------------------------------- one snapshot, exactly
+
+
+def _writer(home: str, start: int, count: int, done) -> None:
+    """Another process: adds live chunks with vectors and codes, then exits."""
+    centers = np.random.default_rng(0).standard_normal((40, DIM))
+    add_rows(WarehouseResource(home=home), start, clustered(count, 7, centers))
+    done.set()
+
+
+def test_build_publishes_exactly_its_snapshot_while_another_process_writes(tmp_path):
+    warehouse, store = WarehouseResource(home=str(tmp_path)), IndexStoreResource(home=str(tmp_path))
+    centers = np.random.default_rng(0).standard_normal((40, DIM))
+    first = add_rows(warehouse, 0, clustered(800, 1, centers))
+    ctx = multiprocessing.get_context("spawn")
+    done = ctx.Event()
+    writers = []
+
+    def write_during_build(snapshot, count):
+        # The snapshot is taken and the warehouse released: a writer in another process gets in now.
+        writer = ctx.Process(target=_writer, args=(str(tmp_path), 10_000, 300, done))
+        writer.start()
+        writers.append(writer)
+        assert done.wait(120), "the writer could not write while the index was being built"
+
+    report, published = build_and_publish(
+        warehouse, store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(),
+        gate_snapshot=write_during_build,
+    )
+    writers[0].join(30)
+    assert report.count == 800 == published.manifest["count"]
+    held = set(np.load(published.path / iv.IDS_FILE).tolist())
+    assert held == {vector_id(c) for c in first}
+    # What landed during the build goes into the next one.
+    report, published = build((warehouse, store))
+    assert report.count == 1100 and report.mode in ("incremental", "full")
+
+
+def test_chunks_without_codes_wait_for_the_next_build_instead_of_failing(tmp_path):
+    warehouse, store = WarehouseResource(home=str(tmp_path)), IndexStoreResource(home=str(tmp_path))
+    centers = np.random.default_rng(0).standard_normal((40, DIM))
+    add_rows(warehouse, 0, clustered(500, 1, centers))
+    with warehouse.connect() as con:  # an ingest half way: chunks decided canonical, no embeddings yet
+        con.execute("INSERT INTO chunks (chunk_id, vector_id, doc_id, source, text) VALUES ('late', 1, 'doc', 'synthetic', 'x')")
+        con.execute("INSERT INTO chunk_dedup (chunk_id, source, status) VALUES ('late', 'synthetic', 'canonical')")
+    report, published = build((warehouse, store))
+    assert report.count == 500 and report.pending == 1 and published.manifest["pending_chunks"] == 1
+
+
+# ------------------------------------------------------------------------- search never waits for writers
+
+
+def _hold_write_lock(home: str, ready, release) -> None:
+    with WarehouseResource(home=home).connect():
+        ready.set()
+        release.wait(60)
+
+
+@pytest.mark.slow
+def test_search_answers_while_another_process_holds_the_write_lock(tmp_path, instance):
+    pipeline = make_pipeline(tmp_path, instance)
+    pipeline.run_all()
+    assert pipeline.search("sourdough starter feeding", k=3)  # model loaded, version opened
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_write_lock, args=(str(pipeline.home), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        started = time.perf_counter()
+        hits = pipeline.search("how do tide pools form", k=5)
+        elapsed = time.perf_counter() - started
+    finally:
+        release.set()
+        holder.join(30)
+    assert hits and elapsed < 1.0, elapsed
+
+
+_BLOCK_WAREHOUSE = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in ("duckdb", "resources.warehouse", "resources.cache", "redis"):
+            raise ImportError(f"the search path imported {name}")
+sys.meta_path.insert(0, Block())
+from embedding_assets.cli import main
+sys.exit(main(["search", "--json", "--k", "3"] + sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_cli_search_imports_neither_the_warehouse_nor_duckdb(tmp_path, instance):
+    pipeline = make_pipeline(tmp_path, instance)
+    pipeline.run_all()
+    env = {**os.environ, "EMBEDDING_HOME": str(pipeline.home), "EMBEDDING_SOURCES_DIR": str(pipeline.sources_root),
+           "DAGSTER_HOME": str(tmp_path / "dagster"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _BLOCK_WAREHOUSE, "lighthouse keepers"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hits = [json.loads(line) for line in done.stdout.splitlines()]
+    assert hits and all({"chunk_id", "doc_path", "source", "text", "heading_path"} <= set(h) for h in hits)
+
+
+def test_search_module_does_not_import_the_warehouse():
+    source = (REPO / "embedding_assets" / "search.py").read_text()
+    assert "warehouse" not in source.split('"""', 2)[2].replace("must not import the warehouse", "")
+    assert "duckdb" not in (REPO / "embedding_assets" / "core" / "index_version.py").read_text()
+
+
+# ----------------------------------------------------------------------------- damaged versions repair
+
+
+def _two_versions(stores):
+    warehouse, store = stores
+    centers = np.random.default_rng(0).standard_normal((40, DIM))
+    add_rows(warehouse, 0, clustered(600, 1, centers))
+    _, older = build(stores)
+    add_rows(warehouse, 1000, clustered(60, 2, centers))
+    _, newer = build(stores)
+    assert store.current().version == newer.version != older.version
+    return older, newer
+
+
+@pytest.mark.parametrize("damage", ["truncate chunks", "delete index", "delete folder", "garbage manifest", "flip a byte"])
+def test_damaged_current_version_is_passed_over_then_rebuilt(stores, damage, caplog):
+    warehouse, store = stores
+    older, newer = _two_versions(stores)
+    folder = newer.path
+    if damage == "truncate chunks":
+        with open(folder / iv.CHUNKS_FILE, "r+b") as fh:
+            fh.truncate(100)
+    elif damage == "delete index":
+        (folder / iv.INDEX_FILE[newer.manifest["layout"]]).unlink()
+    elif damage == "delete folder":
+        import shutil
+
+        shutil.rmtree(folder)
+    elif damage == "garbage manifest":
+        (folder / iv.MANIFEST_FILE).write_text("{not json")
+    else:  # same size, different bytes: only the full check (used by builds) sees it
+        data = bytearray((folder / iv.IDS_FILE).read_bytes())
+        data[-1] ^= 0xFF
+        (folder / iv.IDS_FILE).write_bytes(bytes(data))
+
+    if damage != "flip a byte":
+        current = store.current()
+        assert current.version == older.version and current.fallback_from == newer.version
+        assert "using the newest intact version" in caplog.text
+        assert store.open_current().version == older.version  # search serves the intact one
+    else:
+        assert store.current(verify="full").version == older.version
+
+    # The next build notices and publishes a fresh, intact version (never an update of the damaged one).
+    report, rebuilt = build(stores)
+    assert report.mode == "full" and "damaged" in report.retrain_reason
+    assert store.current(verify="full").version == rebuilt.version
+    assert store.current().fallback_from is None
+    assert iv.IndexVersion.open(rebuilt.path, verify="full").count == 660
+
+
+def test_no_intact_version_is_a_clear_error(stores):
+    _, store = stores
+    older, newer = _two_versions(stores)
+    for published in (older, newer):
+        (published.path / iv.IDS_FILE).write_bytes(b"")
+    with pytest.raises(IndexStoreError, match="no intact index version .*embedding-pipeline materialize"):
+        store.open_current()
