@@ -11,8 +11,7 @@ from embedding_assets.checks import (
     WARNING_CHECKS,
     CorpusShares,
     QualityGateError,
-    chunk_gates,
-    vector_gates,
+    snapshot_gates,
     warning_checks,
 )
 from embedding_assets.runner import RunFailed
@@ -53,13 +52,18 @@ def test_all_checks_are_evaluated_and_pass_on_good_data(pipeline):
     assert "recall_at_10_meets_target" in meta["summary"] and "| metric | value |" in meta["summary"]
 
 
-def test_gates_read_the_warehouse(pipeline):
+def test_gates_read_the_builds_snapshot(pipeline, tmp_path):
+    from embedding_assets.stages.faiss_index import take_snapshot
+
     model = pipeline.resources["model"]
-    gates = {g.name: g for g in vector_gates(pipeline.warehouse, model_fingerprint=model.model_fingerprint(), dimension=384)}
-    assert all(g.passed for g in gates.values()) and gates["vectors_are_unit_norm"].metadata["vectors_checked"] > 0
-    wrong = {g.name: g for g in vector_gates(pipeline.warehouse, model_fingerprint=model.model_fingerprint(), dimension=768)}
+    with pipeline.warehouse.connect(read_only=True) as con:
+        snapshot = take_snapshot(con, model.model_fingerprint(), tmp_path)
+    gates = {g.name: g for g in snapshot_gates(snapshot.path, dimension=384, max_tokens=256)}
+    assert all(g.passed for g in gates.values()) and gates["vectors_are_unit_norm"].metadata["vectors_checked"] == snapshot.count
+    wrong = {g.name: g for g in snapshot_gates(snapshot.path, dimension=768, max_tokens=256)}
     assert not wrong["vectors_have_model_dimension"].passed and "dimension 768" in wrong["vectors_have_model_dimension"].description
-    tight = {g.name: g for g in chunk_gates(pipeline.warehouse, max_tokens=5)}
+    assert not wrong["codes_have_model_width"].passed
+    tight = {g.name: g for g in snapshot_gates(snapshot.path, dimension=384, max_tokens=5)}
     assert not tight["chunk_tokens_within_model_limit"].passed and tight["no_empty_chunks"].passed
 
 

@@ -80,8 +80,8 @@ class IndexSettings:
     def __post_init__(self):
         if self.layout not in iv.LAYOUTS:
             raise IndexBuildError(f"index layout {self.layout!r} is not one of {', '.join(iv.LAYOUTS)} (EMBEDDING_INDEX_LAYOUT)")
-        if not 0.0 < self.target_recall <= 1.0:
-            raise IndexBuildError(f"target recall must be in (0, 1], got {self.target_recall} (EMBEDDING_TARGET_RECALL)")
+        if not self.target_recall > 0.0:  # above 1 is allowed and unreachable: the recall gate then refuses
+            raise IndexBuildError(f"target recall must be > 0, got {self.target_recall} (EMBEDDING_TARGET_RECALL)")
         if self.recall_queries < 1 or self.recall_k < 1 or self.min_nlist < 1:
             raise IndexBuildError("recall_queries, recall_k and min_nlist must be >= 1")
 
