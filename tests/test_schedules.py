@@ -26,7 +26,7 @@ def test_schedule_is_registered_stopped_and_targets_build_index():
     assert schedule.job_name == "build_index"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     sensor = defs.resolve_sensor_def("sources_sensor")
-    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED and sensor.job_name == "ingest_source"
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING and sensor.job_name == "ingest_source"
 
 
 def test_skips_while_nothing_is_indexed(instance, tmp_path):

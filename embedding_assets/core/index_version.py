@@ -7,7 +7,7 @@ A version folder holds::
     index.faiss     int8 layout: IVF (or flat) scalar-quantizer index whose per-dimension ranges ARE the
                     stored calibration ranges, so its codes are the stored int8 codes, byte for byte
     index.bfaiss    binary layout: IVF (or flat) Hamming index over the packed sign bits
-    int8.npy        binary layout: the int8 codes (n, dim), memory-mapped, read only to rescore candidates
+    int8.npy        binary layout: the int8 codes (n, dim), read row by row (pread) only to rescore candidates
     ids.npy         sorted int64 vector ids (n,): row r of every file below belongs to ids[r]
     ranges.npy      (2, dim) float32 calibration ranges the codes were made with
     chunks.arrow    Arrow IPC file, rows in ids order: vector_id, chunk_id, source, doc_path,
@@ -18,9 +18,10 @@ The two layouts (``LAYOUTS``):
 - ``int8``: 4x smaller than float32. The query stays float32 and is scored against the decoded codes
   (asymmetric distance), so recall against exact float32 search is about 0.99 on sentence embeddings.
 - ``binary``: 32x smaller in memory. Hamming search over the sign bits finds ``k * rescore_multiplier``
-  candidates, which are rescored with the float query against their int8 codes read from the
-  memory-mapped ``int8.npy``: "binary index in memory, int8 on disk" (sentence-transformers'
-  embedding quantization).
+  candidates, which are rescored with the float query against their int8 codes read from
+  ``int8.npy`` with positioned reads: "binary index in memory, int8 on disk" (sentence-transformers'
+  embedding quantization). The codes stay in the OS page cache, shared and evictable, never in the
+  process's own memory.
 
 Nothing here imports Dagster or the warehouse: a search process needs only numpy, faiss and pyarrow.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +225,7 @@ class IndexVersion:
     for searching once :meth:`set_search_params` is no longer called."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], index, ids: np.ndarray, ranges: np.ndarray,
-                 int8: np.ndarray | None, chunks: pa.Table):
+                 int8: Int8Rows | None, chunks: pa.Table):
         self.path = path
         self.manifest = manifest
         self.layout: str = manifest["layout"]
@@ -268,7 +270,7 @@ class IndexVersion:
             index = read_index(path / INDEX_FILE[layout], layout)
             ids = np.load(path / IDS_FILE, mmap_mode="r")
             ranges = np.load(path / RANGES_FILE)
-            int8 = np.load(path / INT8_FILE, mmap_mode="r") if layout == "binary" else None
+            int8 = Int8Rows(path / INT8_FILE) if layout == "binary" else None
             chunks = pa.ipc.open_file(pa.memory_map(str(path / CHUNKS_FILE), "r")).read_all()
         except IndexVersionError:
             raise
@@ -325,7 +327,7 @@ class IndexVersion:
             if not len(row_ids):
                 continue
             rows = self.rows_of(row_ids)
-            vectors = dequantize(np.asarray(self.int8[rows]), self.ranges)
+            vectors = dequantize(self.int8.read(rows), self.ranges)
             scores = vectors @ queries[q]
             order = np.lexsort((row_ids, -scores))[:k]
             out_scores[q, : len(order)] = scores[order]
@@ -351,6 +353,40 @@ class IndexVersion:
         for row in out:
             row["heading_path"] = json.loads(row.get("heading_path") or "[]")
         return out
+
+
+class Int8Rows:
+    """Rows of an (n, dim) int8 ``.npy`` file read on demand with ``os.pread``: only the rows asked for are
+    read, into the OS page cache rather than the process's memory (a memory map would count every touched
+    page as the process's resident memory)."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            self._offset = fh.tell()
+        if dtype != np.int8 or fortran or len(shape) != 2:
+            raise ValueError(f"{path} is not a C-ordered 2-D int8 array")
+        self._n, self._dim = shape
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self._dim), dtype=np.int8)
+        for i, row in enumerate(rows):
+            data = os.pread(self._fd, self._dim, self._offset + int(row) * self._dim)
+            if len(data) != self._dim:
+                raise IndexVersionError(f"int8 row {row} is cut short ({len(data)} of {self._dim} bytes)")
+            out[i] = np.frombuffer(data, dtype=np.int8)
+        return out
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 def estimate_cost(layout: str, n: int, nlist: int, nprobe: int, k: int, rescore_multiplier: int) -> float:

@@ -50,7 +50,7 @@ from embedding_assets.stages import ProgressFn, no_progress
 from resources.index_store import IndexStoreResource, PublishedIndex
 from resources.warehouse import WarehouseResource, arrow_to_vectors
 
-MAX_TRAINING_POINTS_PER_CENTROID = 256
+MAX_TRAINING_POINTS_PER_CENTROID = 64  # FAISS: 39-256; k-means cost grows with it, quality hardly past 64
 # How nprobe is tuned; an index tuned by another rule is re-tuned, not kept as is.
 NPROBE_RULE = "cheapest (nprobe, rescore multiplier) with sample recall >= required_recall(target, queries, k, z=1.645)"
 RESCORE_MULTIPLIERS = (1, 2, 4, 8, 16, 32)
@@ -329,8 +329,11 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
     np.save(scratch / iv.RANGES_FILE, ranges.astype(np.float32))
     iv.write_index(index, scratch / iv.INDEX_FILE[layout])
 
-    k = min(settings.recall_k, n)
-    truth = exact_top_k(queries, _float_batches(snapshot, dimension), k)
+    # The tuning queries are corpus vectors; each one's own vector would be a free hit and inflate recall
+    # (by ~1/k), so it is left out of both lists: recall as an unseen query would see it.
+    k = min(settings.recall_k, max(n - 1, 1))
+    query_ids = np.load(scratch / iv.IDS_FILE, mmap_mode="r")[query_rows]
+    truth = _without(exact_top_k(queries, _float_batches(snapshot, dimension), k + 1), query_ids, k)
     manifest: dict[str, Any] = {
         "format": iv.FORMAT,
         "layout": layout,
@@ -352,7 +355,8 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
         **trained,
     }
     version = iv.IndexVersion.open(scratch, {**manifest, "files": _sizes(scratch, layout)})
-    manifest["nprobe"], manifest["rescore_multiplier"], manifest["recall_at_k"] = _tune(version, queries, truth, k, settings)
+    manifest["nprobe"], manifest["rescore_multiplier"], manifest["recall_at_k"] = _tune(
+        version, queries, query_ids if n > 1 else None, truth, k, settings)
     report.nlist, report.nprobe = manifest["nlist"], manifest["nprobe"]
     report.rescore_multiplier, report.recall_at_k = manifest["rescore_multiplier"], manifest["recall_at_k"]
     report.index_bytes = (scratch / iv.INDEX_FILE[layout]).stat().st_size
@@ -411,7 +415,19 @@ def _full_build_reason(current: PublishedIndex | None, fingerprint: str, dimensi
     return None
 
 
-def _tune(version: iv.IndexVersion, queries: np.ndarray, truth: np.ndarray, k: int, settings: IndexSettings) -> tuple[int, int, float]:
+def _without(found: np.ndarray, own_ids: np.ndarray | None, k: int) -> np.ndarray:
+    """Each row of ``found`` without its query's own id, cut to k columns (padded with -1)."""
+    if own_ids is None:
+        return found[:, :k]
+    out = np.full((len(found), k), -1, dtype=np.int64)
+    for row, (ids, own) in enumerate(zip(found, own_ids)):
+        kept = ids[ids != own][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def _tune(version: iv.IndexVersion, queries: np.ndarray, query_ids: np.ndarray | None, truth: np.ndarray, k: int,
+          settings: IndexSettings) -> tuple[int, int, float]:
     """(nprobe, rescore multiplier, recall) reaching the recall bar at the lowest estimated cost; when none
     reaches it, the most accurate setting (the recall gate then refuses to publish)."""
     nlist = iv.nlist_of(version.index)
@@ -421,7 +437,7 @@ def _tune(version: iv.IndexVersion, queries: np.ndarray, truth: np.ndarray, k: i
     for multiplier in multipliers:
         def search(nprobe: int, multiplier=multiplier) -> np.ndarray:
             version.set_search_params(nprobe=nprobe or None, rescore_multiplier=multiplier)
-            return version.search(queries, k)[1]
+            return _without(version.search(queries, k + 1)[1], query_ids, k)
 
         nprobe, recall = tune_search(search, nlist, truth, k=k, target_recall=settings.target_recall, queries=len(queries))
         cost = iv.estimate_cost(version.layout, version.count, nlist, nprobe, k, multiplier)
