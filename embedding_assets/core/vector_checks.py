@@ -5,7 +5,7 @@ before it is written to the warehouse, and the rows already stored (the SQL in
 ``stages/embeddings.py`` mirrors ``invalid_rows`` and names this module).
 
 Invariant of a valid embedding of a model with dimension ``dim``: shape ``(dim,)``, every value
-finite, and ``|v . v - 1| <= NORM_TOLERANCE`` (the model resource renormalizes in float32, so its
+finite, and ``|v . v - 1| < NORM_TOLERANCE`` (the model resource renormalizes in float32, so its
 vectors are within ~1e-6 of unit norm; 1e-3 is the bound the index quality gates use as well).
 """
 
@@ -29,8 +29,8 @@ def invalid_rows(vectors: np.ndarray, dim: int, *, unit_norm: bool = True) -> np
     """Boolean mask, one per row of ``vectors`` (n, d): True where the row is not a valid embedding.
 
     Every row is invalid when ``d != dim``. With ``unit_norm`` a finite row is also invalid when
-    its squared norm is more than ``NORM_TOLERANCE`` from 1. Never raises for finite or
-    non-finite floats; a non-2-D input raises ``ValueError``.
+    its squared norm is not strictly within ``NORM_TOLERANCE`` of 1 (as the ``vectors_are_unit_norm``
+    asset check). Never raises for finite or non-finite floats; a non-2-D input raises ``ValueError``.
     """
     vectors = np.asarray(vectors)
     if vectors.ndim != 2:
@@ -42,7 +42,7 @@ def invalid_rows(vectors: np.ndarray, dim: int, *, unit_norm: bool = True) -> np
         bad = ~np.isfinite(as64).all(axis=1)
         if unit_norm:
             squared = np.einsum("ij,ij->i", as64, as64)
-            bad |= ~(np.abs(squared - 1.0) <= NORM_TOLERANCE)  # NaN compares False: stays bad
+            bad |= ~(np.abs(squared - 1.0) < NORM_TOLERANCE)  # NaN compares False: stays bad
     return bad
 
 
