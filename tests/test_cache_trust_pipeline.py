@@ -4,19 +4,21 @@ crafted values, real rows of NaN in the warehouse."""
 from __future__ import annotations
 
 import logging
-import random
 
 import dagster as dg
 import numpy as np
 import pytest
 import redis
 
+from embedding_assets.core.identity import embedding_cache_key
 from embedding_assets.definitions import build_definitions
 from embedding_assets.stages import embeddings as embeddings_stage
 from resources import EmbeddingCacheResource
 from resources.cache import encode_vector
 from tests.pipeline_support import make_pipeline
 from tests.test_cache_trust import forge
+
+pytestmark = pytest.mark.slow
 
 CACHE_LOGGER = "embedding_pipeline.cache"
 SECRET = "pipeline-secret-" + "z" * 20
@@ -51,15 +53,11 @@ def model_vectors(pipeline, source: str) -> dict[str, np.ndarray]:
 def assert_all_are_the_models(pipeline, source: str) -> None:
     want = model_vectors(pipeline, source)
     got = stored(pipeline, source)
+    rows = pipeline.rows("SELECT count(*) FROM embeddings WHERE source = ?", [source])[0][0]
+    assert rows == len(got)  # exactly one vector per chunk
     assert sorted(got) == sorted(want)
     cosines = [float(got[c][1] @ want[c]) for c in want]
     assert min(cosines) > 0.999, min(cosines)
-
-
-def cache_key(pipeline, fingerprint: str, sha: str) -> str:
-    from embedding_assets.core.identity import embedding_cache_key
-
-    return embedding_cache_key(fingerprint, sha)
 
 
 @pytest.fixture
@@ -87,7 +85,7 @@ def test_invalid_rows_in_the_warehouse_are_repaired_by_the_next_run_bypassing_th
     # The cache holds well-formed but wrong vectors for those texts: the repair must not read it.
     raw = redis.Redis.from_url(redis_server.url)
     for cid in victims:
-        k = cache_key(pipeline, fingerprint, before[cid][0])
+        k = embedding_cache_key(fingerprint, before[cid][0])
         raw.set(k, forge(k, before[sorted(before)[-1]][1]))
     pipeline.resources["cache"].close()
 
@@ -100,7 +98,7 @@ def test_invalid_rows_in_the_warehouse_are_repaired_by_the_next_run_bypassing_th
         assert float(after[cid][1] @ before[cid][1]) > 0.999  # the model's vector, not the cache's
     assert_all_are_the_models(pipeline, "beta")
     for cid in victims:  # and the cache now holds the right values again
-        k = cache_key(pipeline, fingerprint, before[cid][0])
+        k = embedding_cache_key(fingerprint, before[cid][0])
         assert raw.get(k) == encode_vector(after[cid][1], k)
     ranges = pipeline.rows("SELECT ranges FROM quantization_ranges WHERE model_fingerprint = ?", [fingerprint])
     assert np.abs(np.frombuffer(ranges[0][0], dtype=np.float32)).max() <= 1.0
@@ -118,7 +116,7 @@ def _poison_redis_with_rotated_vectors(pipeline, raw, source: str, fingerprint: 
     chosen = sorted(chunk_ids if chunk_ids is not None else rows)
     vectors = [rows[c][1] for c in chosen]
     for i, cid in enumerate(chosen):
-        k = cache_key(pipeline, fingerprint, rows[cid][0])
+        k = embedding_cache_key(fingerprint, rows[cid][0])
         raw.set(k, forge(k, vectors[(i + 1) % len(vectors)]))
     return len(chosen)
 
@@ -150,7 +148,7 @@ def test_audit_catches_well_formed_vectors_of_other_text_and_distrusts_redis(tmp
     assert len([r for r in caplog.records if "wrong vector" in r.getMessage()]) == 1
     # The run wrote the right vectors back over the forged ones.
     for cid, (sha, vector) in stored(pipeline, "alpha").items():
-        k = cache_key(pipeline, fingerprint, sha)
+        k = embedding_cache_key(fingerprint, sha)
         assert raw.get(k) == encode_vector(vector, k)
 
     # The next run trusts Redis again, audits it, and it is now clean.
@@ -216,3 +214,4 @@ def test_audit_rate_zero_turns_the_audit_off_and_local_hits_are_never_audited(tm
     with_cache(pipeline, redis_url=redis_server.url, audit_rate=0.0)
     off = pipeline.run_source("alpha")["embeddings"]
     assert off["cache_hits_redis"] == n and off["cache_audited"] == 0 and off["embedded_by_model"] == 0
+    assert_all_are_the_models(pipeline, "alpha")
