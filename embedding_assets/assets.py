@@ -222,6 +222,7 @@ def embeddings(
             "cache_hits_disk": r.cache_hits.get("disk", 0),
             "cache_hit_rate": round(hits / looked_up, 4) if looked_up else 1.0,
             "redis_status": r.redis_status, "vectors_removed": r.removed,
+            **r.trust_metadata(),
             "chunks_per_second": round(r.chunks_per_second, 2), "padding_waste": round(r.padding_waste, 4),
             "seconds": round(r.seconds, 3),
             "summary": dg.MetadataValue.md(_table(["metric", "value"], [

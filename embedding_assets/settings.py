@@ -1,8 +1,8 @@
 """Configuration from the environment: every setting has a laptop-friendly default and an
 ``EMBEDDING_*`` variable; the Dagster launchpad can override any of them per run.
 
-Only the Redis URL is treated as a secret (it may hold a password): it is bound with ``dg.EnvVar``
-so its value never lands in run config, logs or the UI.
+The Redis URL (it may hold a password) and ``EMBEDDING_CACHE_SECRET`` are secrets: they are bound
+with ``dg.EnvVar`` so their values never land in run config, logs or the UI.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
 
     home = str(home_dir())
     redis_url = dg.EnvVar("EMBEDDING_REDIS_URL") if os.environ.get("EMBEDDING_REDIS_URL", "").strip() else None
+    cache_secret = dg.EnvVar("EMBEDDING_CACHE_SECRET") if os.environ.get("EMBEDDING_CACHE_SECRET", "").strip() else None
     return {
         "sources": DocumentSourcesResource(
             root=str(sources_dir()), max_file_bytes=env_int("EMBEDDING_MAX_FILE_BYTES", 20 * 1024 * 1024)
@@ -87,5 +88,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             redis_url=redis_url,
             lru_entries=env_int("EMBEDDING_LRU_ENTRIES", 50_000),
             redis_timeout_ms=env_int("EMBEDDING_REDIS_TIMEOUT_MS", 200),
+            secret=cache_secret,
+            audit_rate=env_float("EMBEDDING_CACHE_AUDIT_RATE", 0.01),
         ),
     }

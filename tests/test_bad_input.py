@@ -280,4 +280,4 @@ def test_cached_vector_of_another_dimension_is_a_miss_and_gets_overwritten(tmp_p
 
     with sqlite3.connect(cache.disk_path) as con:
         (value,) = con.execute("SELECT value FROM embeddings WHERE key = ?", [key]).fetchone()
-    assert value == encode_vector(np.full(384, 0.5, dtype=np.float32))
+    assert value == encode_vector(np.full(384, 0.5, dtype=np.float32), key)

@@ -84,12 +84,15 @@ def run_python(code: str, stdin: bytes = b"") -> dict:
 
 def test_encode_decode_round_trip_is_exact_float32():
     vector = vec(1)
-    blob = encode_vector(vector)
-    assert blob[:4] == b"EMB1" and len(blob) == 12 + 4 * DIM
-    decoded = decode_vector(blob, DIM)
+    blob = encode_vector(vector, key("a"))
+    assert blob[:4] == b"EMB2" and len(blob) == 12 + 4 * DIM + 16  # header, payload, 16-byte checksum
+    decoded = decode_vector(blob, DIM, key("a"))
     assert decoded.dtype == np.float32 and decoded.shape == (DIM,)
     np.testing.assert_array_equal(decoded, vector)
-    np.testing.assert_array_equal(decode_vector(encode_vector(np.arange(3)), 3), [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(decode_vector(encode_vector(np.arange(3), "k"), 3, "k"), [0.0, 1.0, 2.0])
+    with_secret = encode_vector(vector, key("a"), secret=b"s" * 32)
+    assert len(with_secret) == 12 + 4 * DIM + 32  # HMAC-SHA256
+    np.testing.assert_array_equal(decode_vector(with_secret, DIM, key("a"), secret=b"s" * 32), vector)
 
 
 @pytest.mark.parametrize(
@@ -100,19 +103,25 @@ def test_encode_decode_round_trip_is_exact_float32():
         pytest.param(lambda b: b[:8], id="header-only-part"),
         pytest.param(lambda b: b + b"\0\0\0\0", id="trailing-bytes"),
         pytest.param(lambda b: b[:4] + b"\x02" + b[5:], id="wrong-dtype-code"),
+        pytest.param(lambda b: b[:5] + b"\x07" + b[6:], id="unknown-tag-kind"),
+        pytest.param(lambda b: b[:20] + bytes([b[20] ^ 1]) + b[21:], id="one-payload-bit-flipped"),
+        pytest.param(lambda b: b[:-1] + bytes([b[-1] ^ 0x80]), id="one-checksum-bit-flipped"),
+        pytest.param(lambda b: b"EMB1\x01\0\0\0" + b[8:12 + 4 * DIM], id="first-format-without-tag"),
         pytest.param(lambda b: pickle.dumps(np.zeros(DIM, np.float32)), id="pickle"),
         pytest.param(lambda b: "text", id="not-bytes"),
     ],
 )
 def test_decode_rejects_malformed_values(mangle):
-    assert decode_vector(mangle(encode_vector(vec(2))), DIM) is None
+    assert decode_vector(mangle(encode_vector(vec(2), key("b"))), DIM, key("b")) is None
 
 
-def test_decode_rejects_other_dimension_and_encode_rejects_bad_vectors():
-    assert decode_vector(encode_vector(vec(3, dim=4)), DIM) is None
+def test_decode_rejects_other_dimension_other_key_and_encode_rejects_bad_vectors():
+    assert decode_vector(encode_vector(vec(3, dim=4), key("c")), DIM, key("c")) is None
+    assert decode_vector(encode_vector(vec(3), key("c")), DIM, key("d")) is None
+    assert decode_vector(encode_vector(vec(3), key("c", MODEL_A)), DIM, key("c", MODEL_B)) is None
     for bad in [np.zeros((2, 4)), np.zeros(0), np.array([1.0, np.nan]), np.array([np.inf]), np.array(["a"])]:
         with pytest.raises(EmbeddingCacheValueError):
-            encode_vector(bad)
+            encode_vector(bad, key("c"))
 
 
 # --------------------------------------------------------------------------- configuration
@@ -152,7 +161,7 @@ def test_env_bound_url_is_resolved_and_checked_at_first_use(tmp_path, monkeypatc
     monkeypatch.setenv("TEST_CACHE_REDIS_URL", redis_server.url)
     cache.set_many([(key("x"), vec(1))])
     assert cache.stats()["redis_status"] == "ok"
-    assert redis.Redis.from_url(redis_server.url).get(key("x")) == encode_vector(vec(1))
+    assert redis.Redis.from_url(redis_server.url).get(key("x")) == encode_vector(vec(1), key("x"))
     cache.close()
 
 
@@ -227,7 +236,7 @@ def test_redis_round_trip_back_fills_lru(make_cache, redis_server):
     keys = [key(f"redis {i}") for i in range(4)]
     cache.set_many([(k, vec(i)) for i, k in enumerate(keys)])
     raw = redis.Redis.from_url(redis_server.url)
-    assert raw.get(keys[0]) == encode_vector(vec(0))
+    assert raw.get(keys[0]) == encode_vector(vec(0), keys[0])
     cache.close()
 
     got = cache.get_many(keys, DIM)
@@ -246,7 +255,7 @@ def test_disk_hit_back_fills_redis(make_cache, redis_server):
     np.testing.assert_array_equal(both.get_many([key("on disk")], DIM)[0], vec(7))
     assert both.stats()["disk_hits"] == 1
     raw = redis.Redis.from_url(redis_server.url)
-    assert raw.get(key("on disk")) == encode_vector(vec(7))
+    assert raw.get(key("on disk")) == encode_vector(vec(7), key("on disk"))
     assert 0 < raw.ttl(key("on disk")) <= 600
 
 
@@ -269,7 +278,9 @@ def test_model_fingerprints_never_read_each_others_vectors(make_cache, redis_ser
 CORRUPTIONS = {
     "wrong-magic": lambda good: b"EMB0" + good[4:],
     "truncated": lambda good: good[:-4],
-    "wrong-dim": lambda good: encode_vector(vec(99, dim=DIM + 1)),
+    "wrong-dim": lambda good: encode_vector(vec(99, dim=DIM + 1), key("corrupt")),
+    "other-key": lambda good: encode_vector(vec(99), key("another text")),
+    "nan": lambda good: good[:12] + np.full(DIM, np.nan, "<f4").tobytes() + good[12 + 4 * DIM :],
 }
 
 
@@ -278,12 +289,12 @@ def test_corrupt_redis_value_is_a_miss_and_is_overwritten(make_cache, redis_serv
     cache = make_cache(redis_url=redis_server.url, disk_enabled=False)
     k = key("corrupt in redis")
     raw = redis.Redis.from_url(redis_server.url)
-    raw.set(k, CORRUPTIONS[corruption](encode_vector(vec(5))))
+    raw.set(k, CORRUPTIONS[corruption](encode_vector(vec(5), k)))
 
     assert cache.get_many([k], DIM) == [None]
     assert (cache.stats()["corrupt"], cache.stats()["misses"]) == (1, 1)
     cache.set_many([(k, vec(5))])
-    assert raw.get(k) == encode_vector(vec(5))
+    assert raw.get(k) == encode_vector(vec(5), k)
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
@@ -292,7 +303,7 @@ def test_corrupt_disk_value_is_a_miss_and_is_overwritten(make_cache, corruption)
     k = key("corrupt on disk")
     cache.set_many([(key("other"), vec(1))])  # creates the database file
     with sqlite3.connect(cache.disk_path) as db:
-        bad_value = CORRUPTIONS[corruption](encode_vector(vec(6)))
+        bad_value = CORRUPTIONS[corruption](encode_vector(vec(6), k))
         db.execute("INSERT INTO embeddings VALUES (?, ?)", (k, bad_value))
 
     assert cache.get_many([k], DIM) == [None]
@@ -300,7 +311,7 @@ def test_corrupt_disk_value_is_a_miss_and_is_overwritten(make_cache, corruption)
     cache.set_many([(k, vec(6))])
     with sqlite3.connect(cache.disk_path) as db:
         (stored,) = db.execute("SELECT value FROM embeddings WHERE key = ?", (k,)).fetchone()
-    assert stored == encode_vector(vec(6))
+    assert stored == encode_vector(vec(6), k)
 
 
 def test_corrupt_redis_value_falls_through_to_disk_and_is_repaired(make_cache, redis_server):
@@ -312,7 +323,7 @@ def test_corrupt_redis_value_falls_through_to_disk_and_is_repaired(make_cache, r
     cache.close()
     np.testing.assert_array_equal(cache.get_many([k], DIM)[0], vec(8))
     assert (cache.stats()["corrupt"], cache.stats()["disk_hits"]) == (1, 1)
-    assert raw.get(k) == encode_vector(vec(8))
+    assert raw.get(k) == encode_vector(vec(8), k)
 
 
 # --------------------------------------------------------------------------- other processes
@@ -432,7 +443,7 @@ def test_redis_killed_mid_run_degrades_then_recovers(make_cache, redis_server, c
     time.sleep(0.4)
     cache.set_many([(key("after"), vec(4))])
     assert cache.stats()["redis_status"] == "ok"
-    assert raw.get(key("after")) == encode_vector(vec(4))
+    assert raw.get(key("after")) == encode_vector(vec(4), key("after"))
     assert any("answers again" in r.getMessage() for r in caplog.records if r.name == CACHE_LOGGER)
 
     redis_server.stop()  # a second outage is a second warning

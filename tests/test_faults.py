@@ -84,7 +84,7 @@ def test_redis_down_at_start_then_killed_mid_run_then_back(tmp_path, redis_serve
         key = embedding_cache_key("probe", "0" * 64)
         pipeline.resources["cache"].set_many([(key, np.ones(384, dtype=np.float32))])
         assert pipeline.resources["cache"].stats()["redis_status"] == "ok"
-        assert decode_vector(client.get(key), 384) is not None
+        assert decode_vector(client.get(key), 384, key) is not None
     live = pipeline.rows("SELECT count(*) FROM embeddings")[0][0]
     canonical = pipeline.rows(
         "SELECT count(*) FROM chunk_dedup x JOIN chunks USING (chunk_id) WHERE x.status = 'canonical'"
@@ -120,7 +120,7 @@ BAD_VALUES = {
     "header only": lambda good: good[:12],
     "wrong magic": lambda good: b"XXXX" + good[4:],
     "wrong dtype": lambda good: good[:4] + b"\x02" + good[5:],
-    "wrong dim": lambda good: encode_vector(np.ones(100, dtype=np.float32)),
+    "wrong dim": lambda good: encode_vector(np.ones(100, dtype=np.float32), "any key"),
     "trailing bytes": lambda good: good + b"\x00\x00\x00\x00",
     "empty": lambda good: b"",
     "pickle": lambda good: b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.",
@@ -135,7 +135,7 @@ def test_corrupt_entries_in_redis_and_disk_are_misses_and_get_overwritten(tmp_pa
     cache.get_many(["warm-up"], 16)  # opens the tiers: creates the disk file and its table
     disk = sqlite3.connect(cache.disk_path)
     for name, corrupt in BAD_VALUES.items():
-        bad = corrupt(encode_vector(good[name]))
+        bad = corrupt(encode_vector(good[name], keys[name]))
         client.set(keys[name], bad)
         disk.execute("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", [keys[name], bad])
     disk.commit()
@@ -144,9 +144,9 @@ def test_corrupt_entries_in_redis_and_disk_are_misses_and_get_overwritten(tmp_pa
     assert cache.stats()["corrupt"] == 2 * len(order)  # each key: once in Redis, once on disk
     cache.set_many([(keys[n], good[n]) for n in order])
     for name in order:
-        assert client.get(keys[name]) == encode_vector(good[name])
+        assert client.get(keys[name]) == encode_vector(good[name], keys[name])
         stored = disk.execute("SELECT value FROM embeddings WHERE key = ?", [keys[name]]).fetchone()[0]
-        assert stored == encode_vector(good[name])
+        assert stored == encode_vector(good[name], keys[name])
     again = cache.get_many([keys[n] for n in order], 16)
     assert all(np.array_equal(v, good[n]) for v, n in zip(again, order))
     disk.close()
@@ -169,9 +169,9 @@ def test_pipeline_ignores_a_corrupted_disk_cache_and_rewrites_it(tmp_path):
         assert again["cache_hits_disk"] == 0 and again["embedded_by_model"] == n == again["row_count"]
         cache.close()
         con = sqlite3.connect(cache.disk_path)
-        values = [v for (v,) in con.execute("SELECT value FROM embeddings")]
+        values = con.execute("SELECT key, value FROM embeddings").fetchall()
         con.close()
-        assert len(values) == n and all(decode_vector(v, 384) is not None for v in values)
+        assert len(values) == n and all(decode_vector(v, 384, k) is not None for k, v in values)
 
 
 # --------------------------------------------------------------------------- a killed run
