@@ -251,3 +251,28 @@ def test_no_intact_version_is_a_clear_error(stores):
         (published.path / iv.IDS_FILE).write_bytes(b"")
     with pytest.raises(IndexStoreError, match="no intact index version .*embedding-pipeline materialize"):
         store.open_current()
+
+
+@pytest.mark.parametrize("layout", iv.LAYOUTS)
+def test_a_vector_rewritten_under_the_same_id_is_replaced(stores, layout):
+    """A repaired embedding keeps its chunk id: the next build must swap its codes, not keep the old ones."""
+    from embedding_assets.core.quantization import quantize_binary, quantize_int8, ranges_from_bytes
+    from resources.warehouse import vectors_to_arrow
+
+    warehouse, store = stores
+    centers = np.random.default_rng(0).standard_normal((40, DIM))
+    chunks = add_rows(warehouse, 0, clustered(500, 1, centers))
+    build(stores, layout=layout)
+    target = chunks[7]
+    moved = clustered(1, 42, centers[3:4])  # another point of the corpus's own topics
+    with warehouse.connect() as con:
+        ranges = ranges_from_bytes(bytes(con.execute("SELECT ranges FROM quantization_ranges").fetchall()[0][0]), DIM)
+        con.register("moved", __import__("pyarrow").table({"v": vectors_to_arrow(moved)}))
+        con.execute("UPDATE embeddings SET vector = (SELECT v FROM moved) WHERE chunk_id = ?", [target])
+        con.execute("UPDATE quantized_embeddings SET int8 = ?, ubinary = ? WHERE chunk_id = ?",
+                    [quantize_int8(moved, ranges)[0].tobytes(), quantize_binary(moved)[0].tobytes(), target])
+    report, published = build(stores, layout=layout)
+    assert report.mode == "incremental" and report.added == report.removed == 1, report.retrain_reason
+    version = iv.IndexVersion.open(published.path, verify="full")
+    _, found = version.search(moved, 1)
+    assert int(found[0][0]) == vector_id(target)

@@ -10,6 +10,8 @@ A version folder holds::
     int8.npy        binary layout: the int8 codes (n, dim), read row by row (pread) only to rescore candidates
     ids.npy         sorted int64 vector ids (n,): row r of every file below belongs to ids[r]
     ranges.npy      (2, dim) float32 calibration ranges the codes were made with
+    code_hashes.npy uint64 (n,): a hash of each row's int8 and binary codes, so the next build sees a vector
+                    rewritten under the same id (a repaired embedding) and replaces it
     chunks.arrow    Arrow IPC file, rows in ids order: vector_id, chunk_id, source, doc_path,
                     heading_path (JSON list), title, text (memory-mapped; only hit rows are touched)
 
@@ -45,6 +47,7 @@ LAYOUTS = ("int8", "binary")
 INDEX_FILE = {"int8": "index.faiss", "binary": "index.bfaiss"}
 IDS_FILE = "ids.npy"
 RANGES_FILE = "ranges.npy"
+CODE_HASHES_FILE = "code_hashes.npy"
 INT8_FILE = "int8.npy"
 CHUNKS_FILE = "chunks.arrow"
 MANIFEST_FILE = "manifest.json"
@@ -72,7 +75,7 @@ def files_of(layout: str) -> list[str]:
     """Files a version of ``layout`` holds besides the manifest."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown index layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    return [INDEX_FILE[layout], IDS_FILE, RANGES_FILE, CHUNKS_FILE] + ([INT8_FILE] if layout == "binary" else [])
+    return [INDEX_FILE[layout], IDS_FILE, RANGES_FILE, CODE_HASHES_FILE, CHUNKS_FILE] + ([INT8_FILE] if layout == "binary" else [])
 
 
 # ------------------------------------------------------------------------------------ building
@@ -87,6 +90,19 @@ def dequantize(codes: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     steps = (ranges[1] - ranges[0]) / _INT8_BUCKETS
     steps = np.where(steps == 0, 1, steps).astype(np.float32)
     return (ranges[0] + (codes.astype(np.float32) + 128.5) * steps).astype(np.float32)
+
+
+def code_hashes(int8_codes: np.ndarray, binary_codes: np.ndarray) -> np.ndarray:
+    """uint64 (n,) hash of each row's codes: the rows' bytes folded 8 at a time with a distinct odd multiplier
+    per position (wrapping arithmetic). Equal codes give equal hashes on every machine."""
+    rows = np.concatenate([int8_codes.view(np.uint8), binary_codes.view(np.uint8)], axis=1)
+    pad = (-rows.shape[1]) % 8
+    if pad:
+        rows = np.pad(rows, ((0, 0), (0, pad)))
+    words = np.ascontiguousarray(rows).view("<u8")
+    multipliers = (np.arange(words.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        return (words * multipliers).sum(axis=1, dtype=np.uint64) ^ np.uint64(words.shape[1])
 
 
 def new_index(layout: str, dim: int, nlist: int, ranges: np.ndarray) -> faiss.Index | faiss.IndexBinary:

@@ -356,13 +356,16 @@ def retrain_reason(
     added_similarity: float | None,
     max_growth: float = 2.0,
     min_similarity_ratio: float = 0.9,
+    added_count: int | None = None,
+    min_drift_sample: int = 64,
 ) -> str | None:
     """Why the published index must be retrained before vectors are added, or None if it still fits.
 
     A flat index never needs training, until the corpus grows past the flat threshold. An IVF
     index is retrained when the corpus grew past ``max_growth`` times (or shrank below 1/``max_growth``
     of) the count it was trained on, or when the added vectors sit clearly farther from their
-    centroids than the training sample did (drift).
+    centroids than the training sample did (drift). Drift is judged only on at least ``min_drift_sample``
+    added vectors (``added_count``; None means enough): the mean of a handful is noise.
     """
     if nlist == 0:
         return "the corpus grew past the flat-index threshold" if flat_would_be_ivf else None
@@ -370,7 +373,8 @@ def retrain_reason(
         return f"{live_count} vectors > {max_growth:g}x the {trained_count} the quantizer was trained on"
     if live_count * max_growth < trained_count:
         return f"{live_count} vectors < 1/{max_growth:g} of the {trained_count} the quantizer was trained on"
-    if trained_similarity and added_similarity is not None and added_similarity < min_similarity_ratio * trained_similarity:
+    enough = added_count is None or added_count >= min_drift_sample
+    if enough and trained_similarity and added_similarity is not None and added_similarity < min_similarity_ratio * trained_similarity:
         return (
             f"drift: added vectors are {added_similarity:.3f} similar to their centroids, "
             f"training vectors {trained_similarity:.3f}"

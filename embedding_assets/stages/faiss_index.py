@@ -138,14 +138,15 @@ def _no_gate(*args, **kwargs) -> None:
 
 
 def live_digest(con, model_fingerprint: str) -> dict[str, int]:
-    """Count, XOR of vector ids and XOR of a hash of display metadata of the live set: equal digests
-    mean a version built now would hold the same vectors and show the same chunks."""
-    count, ids, meta = con.execute(
+    """Count, XOR of vector ids, of a hash of display metadata and of a hash of the codes of the live set:
+    equal digests mean a version built now would hold the same vectors and show the same chunks."""
+    count, ids, meta, codes = con.execute(
         f"""SELECT count(*), coalesce(bit_xor(q.vector_id), 0),
-                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''))), 0) {LIVE_SET}""",
+                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''))), 0),
+                   coalesce(bit_xor(hash(q.vector_id, q.int8, q.ubinary)), 0) {LIVE_SET}""",
         [model_fingerprint, model_fingerprint],
     ).fetchall()[0]
-    return {"count": int(count), "vector_ids": int(ids), "metadata": int(meta)}
+    return {"count": int(count), "vector_ids": int(ids), "metadata": int(meta), "codes": int(codes)}
 
 
 def pending_chunks(con, model_fingerprint: str) -> int:
@@ -298,6 +299,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
     query_rows = sample_rows(n, min(n, settings.recall_queries), seed=1)
     queries = np.empty((len(query_rows), dimension), dtype=np.float32)
     ids_out = np.lib.format.open_memmap(scratch / iv.IDS_FILE, mode="w+", dtype=np.int64, shape=(n,))
+    hashes_out = np.lib.format.open_memmap(scratch / iv.CODE_HASHES_FILE, mode="w+", dtype=np.uint64, shape=(n,))
     int8_out = (np.lib.format.open_memmap(scratch / iv.INT8_FILE, mode="w+", dtype=np.int8, shape=(n, dimension))
                 if layout == "binary" else None)
     position = 0
@@ -309,6 +311,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
             int8_codes = _codes(batch.column("int8"), np.int8, dimension)
             binary_codes = _codes(batch.column("ubinary"), np.uint8, dimension // 8)
             ids_out[position: position + rows] = ids
+            hashes_out[position: position + rows] = iv.code_hashes(int8_codes, binary_codes)
             if int8_out is not None:
                 int8_out[position: position + rows] = int8_codes
             chunk_writer.write_batch(pa.record_batch(
@@ -322,7 +325,8 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
             position += rows
             progress("faiss_index", position, n, "vectors")
     ids_out.flush()
-    del ids_out
+    hashes_out.flush()
+    del ids_out, hashes_out
     if int8_out is not None:
         int8_out.flush()
         del int8_out
@@ -370,6 +374,7 @@ def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimensi
     if reason is None:
         try:
             old_ids = np.load(current.path / iv.IDS_FILE)
+            old_hashes = np.load(current.path / iv.CODE_HASHES_FILE)
             index = iv.read_index(current.path / iv.INDEX_FILE[settings.layout], settings.layout)
         except (OSError, ValueError, RuntimeError) as exc:
             reason = f"the current version cannot be read ({exc})"
@@ -377,8 +382,10 @@ def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimensi
         report.retrain_reason = reason
         return None, None, None
     m = current.manifest
-    added = np.setdiff1d(live_ids, old_ids, assume_unique=True)
-    removed = np.setdiff1d(old_ids, live_ids, assume_unique=True)
+    # A vector rewritten under the same id (a repaired embedding) is replaced: removed, then added again.
+    rewritten = _rewritten(snapshot, old_ids, old_hashes, snapshot.ranges.shape[1])
+    added = np.union1d(np.setdiff1d(live_ids, old_ids, assume_unique=True), rewritten)
+    removed = np.union1d(np.setdiff1d(old_ids, live_ids, assume_unique=True), rewritten)
     added_int8, added_binary = _codes_of(snapshot, added[: 10_000], snapshot.ranges.shape[1])
     reason = retrain_reason(
         nlist=iv.nlist_of(index),
@@ -388,6 +395,7 @@ def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimensi
         trained_similarity=m.get("trained_similarity"),
         added_similarity=iv.centroid_fit(index, settings.layout, added_int8, added_binary, snapshot.ranges),
         max_growth=settings.max_growth,
+        added_count=len(added),
     )
     if reason is not None:
         report.retrain_reason = reason
@@ -398,6 +406,20 @@ def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimensi
     trained = {key: m.get(key) for key in ("trained_count", "trained_similarity", "training_points")}
     trained["training_points"] = trained["training_points"] or 0
     return index, added, trained
+
+
+def _rewritten(snapshot: Snapshot, old_ids: np.ndarray, old_hashes: np.ndarray, dimension: int) -> np.ndarray:
+    """Ids in both the snapshot and the old version whose codes differ."""
+    changed = []
+    for batch in snapshot.batches(["vector_id", "int8", "ubinary"]):
+        ids = batch.column("vector_id").to_numpy().astype(np.int64)
+        at = np.minimum(np.searchsorted(old_ids, ids), max(len(old_ids) - 1, 0))
+        kept = (old_ids[at] == ids) if len(old_ids) else np.zeros(len(ids), dtype=bool)
+        if kept.any():
+            new = iv.code_hashes(_codes(batch.column("int8"), np.int8, dimension)[kept],
+                                 _codes(batch.column("ubinary"), np.uint8, dimension // 8)[kept])
+            changed.append(ids[kept][new != old_hashes[at[kept]]])
+    return np.concatenate(changed) if changed else np.zeros(0, dtype=np.int64)
 
 
 def _full_build_reason(current: PublishedIndex | None, fingerprint: str, dimension: int, settings: IndexSettings) -> str | None:
