@@ -24,7 +24,7 @@ from pathlib import Path
 import dagster as dg
 
 from embedding_assets.core.identity import sha256_hex
-from embedding_assets.core.sources import walk_source
+from embedding_assets.core.sources import metadata_lines
 from embedding_assets.jobs import ingest_source_job
 from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
 from embedding_assets.settings import env_int
@@ -34,24 +34,18 @@ EMPTY_SOURCE = "empty"  # fingerprint of a folder without files: never ingested 
 
 
 def source_fingerprint(folder: Path) -> str:
-    """Fingerprint of a source folder's file metadata: sha256 over sorted ``relative path, size, mtime_ns``.
+    """Fingerprint of a source folder's file metadata: sha256 over sorted ``relative path, size, mtime_ns, mode``.
 
-    Walks exactly what ``core.sources.scan_source`` walks (``walk_source``: hidden paths ignored,
+    Walks exactly what ``core.sources.scan_source`` walks (``metadata_lines`` over ``walk_source``: hidden paths ignored,
     symlinked folders not followed, names that are not UTF-8 escaped), so the sensor and the run agree
     on what a source holds. Paths that are refused or cannot be read (a folder without permission, a
     symlink loop) enter with their reason, so fixing one is a change and triggers a run; one stray
     path never stops the sensor from fingerprinting the rest. Returns ``EMPTY_SOURCE`` when the
     folder holds nothing. Raises OSError only when ``folder`` itself cannot be listed.
     """
-    lines: list[str] = []
-    for found in walk_source(folder):
-        if found.info is not None:
-            lines.append(f"{found.relative_path}\x00{found.info.st_size}\x00{found.info.st_mtime_ns}")
-        else:
-            lines.append(f"{found.relative_path}\x00{found.refused or found.read_error}")
+    lines = metadata_lines(folder)
     if not lines:
         return EMPTY_SOURCE
-    lines.sort()
     return sha256_hex("\n".join(lines))
 
 

@@ -298,6 +298,24 @@ def walk_source(base: Path) -> Iterator[Found]:
             yield Found(relative, path, is_symlink, info=info)
 
 
+def metadata_lines(folder: Path) -> list[str]:
+    """Sorted ``relative path, size, mtime_ns, mode`` of every file ``walk_source`` meets (no file is
+    opened), and ``relative path, reason`` of every path refused or unreadable; what the sensor hashes.
+
+    The mode is in because a chmod that makes a file readable again must look like a change.
+    Raises OSError only when ``folder`` itself cannot be listed.
+    """
+    lines = []
+    for found in walk_source(folder):
+        if found.info is not None:
+            info = found.info
+            lines.append(f"{found.relative_path}\x00{info.st_size}\x00{info.st_mtime_ns}\x00{info.st_mode:o}")
+        else:
+            lines.append(f"{found.relative_path}\x00{found.refused or found.read_error}")
+    lines.sort()
+    return lines
+
+
 def scan_source(root: Path, source: str, *, max_file_bytes: int) -> SourceScan:
     """All document files of a source, sorted by relative path, and every path skipped with its reason.
 
