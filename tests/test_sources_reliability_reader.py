@@ -10,7 +10,6 @@ it exits or is killed (SIGKILL). The README's recipes for reading safely are run
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -158,4 +157,3 @@ def test_readme_recipes_export_and_copy_under_the_shared_lock(tmp_path, warehous
         assert time.monotonic() - started >= 0.5
     finally:
         holder.wait(timeout=30)
-    assert os.path.exists(home / "warehouse.lock")

@@ -184,9 +184,7 @@ def find_sources(root: Path) -> SourcesListing:
     """
     try:
         names = os.listdir(root)
-    except FileNotFoundError:
-        return SourcesListing([], [])
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return SourcesListing([], [])
     except OSError as exc:
         raise SourceError(f"cannot list the sources root {root} (EMBEDDING_SOURCES_DIR): {exc.strerror}") from exc
