@@ -21,7 +21,6 @@ the Dagster daemon runs (``make ui``), so a saved file becomes searchable withou
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import dagster as dg
 
 from embedding_assets.core.identity import sha256_hex
 from embedding_assets.assets import faiss_index
+from embedding_assets.core.sources import metadata_lines
 from embedding_assets.jobs import ingest_source_job
 from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
 from embedding_assets.settings import env_int
@@ -38,33 +38,18 @@ EMPTY_SOURCE = "empty"  # fingerprint of a folder without files: never ingested 
 
 
 def source_fingerprint(folder: Path) -> str:
-    """Fingerprint of a source folder's file metadata: sha256 over sorted ``relative path, size, mtime_ns``.
+    """Fingerprint of a source folder's file metadata: sha256 over sorted ``relative path, size, mtime_ns, mode``.
 
-    Hidden files and folders are ignored and symlinked folders are not followed, as in
-    ``core.sources.scan_source``. Returns ``EMPTY_SOURCE`` when the folder holds no file.
-    A file that vanishes or cannot be stat-ed mid-walk is recorded with size and mtime -1, so the
-    next tick sees the change. Raises OSError only when ``folder`` itself cannot be listed.
+    Walks exactly what ``core.sources.scan_source`` walks (``metadata_lines`` over ``walk_source``: hidden paths ignored,
+    symlinked folders not followed, names that are not UTF-8 escaped), so the sensor and the run agree
+    on what a source holds. Paths that are refused or cannot be read (a folder without permission, a
+    symlink loop) enter with their reason, so fixing one is a change and triggers a run; one stray
+    path never stops the sensor from fingerprinting the rest. Returns ``EMPTY_SOURCE`` when the
+    folder holds nothing. Raises OSError only when ``folder`` itself cannot be listed.
     """
-    lines: list[str] = []
-    pending = [(folder, "")]
-    while pending:
-        directory, prefix = pending.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                relative = prefix + entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append((Path(entry.path), relative + "/"))
-                        continue
-                    info = entry.stat()
-                    lines.append(f"{relative}\x00{info.st_size}\x00{info.st_mtime_ns}")
-                except OSError:
-                    lines.append(f"{relative}\x00-1\x00-1")
+    lines = metadata_lines(folder)
     if not lines:
         return EMPTY_SOURCE
-    lines.sort()
     return sha256_hex("\n".join(lines))
 
 

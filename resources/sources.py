@@ -7,7 +7,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from embedding_assets.core.sources import list_sources
+from embedding_assets.core.sources import SkippedFile, find_sources, list_sources
 
 
 class DocumentSourcesResource(ConfigurableResource):
@@ -24,4 +24,10 @@ class DocumentSourcesResource(ConfigurableResource):
         return Path(self.root)
 
     def source_names(self) -> list[str]:
+        """The sources under ``root``; entries refused as sources are logged (see ``refused_sources``)."""
         return list_sources(self.root_path)
+
+    def refused_sources(self) -> list[SkippedFile]:
+        """Entries under ``root`` that are not sources, each with the reason (bad name, symlink leaving
+        the root, a loose file...): for reports, so that no folder is ignored silently."""
+        return find_sources(self.root_path).refused

@@ -5,11 +5,19 @@ partitions run in separate processes. So every access goes through :meth:`Wareho
 which takes an OS file lock next to the database (exclusive to write, shared to read), opens DuckDB for
 the duration of one short unit of work and closes it again. Steps hold the lock only while they read
 their inputs or write a batch, never while they compute embeddings.
+
+Programs outside the pipeline (a ``duckdb`` shell, a notebook) take DuckDB's own file lock, not
+ours. ``connect`` then retries with backoff instead of failing at once, within the same
+``lock_timeout_seconds`` bound, and only then raises WarehouseError naming the file, the program
+DuckDB reports as the holder, and what to do (README: "Reading the warehouse safely").
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +32,13 @@ from pydantic import Field
 from resources.locks import LockTimeout, file_lock
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger("embedding_pipeline.warehouse")
+
+# DuckDB's message when another process holds the file, e.g. 'Could not set lock on file "...":
+# Conflicting lock is held in /usr/bin/duckdb (PID 4242)'.
+_DUCKDB_LOCK_ERROR = "Could not set lock on file"
+_DUCKDB_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (key VARCHAR, value VARCHAR)""",
@@ -108,11 +123,9 @@ class WarehouseResource(ConfigurableResource):
         if read_only and not self.path.exists():
             with self.connect():  # first use: create the schema under the write lock
                 pass
+        deadline = time.monotonic() + self.lock_timeout_seconds  # one bound for both locks
         with self._lock(home, exclusive=not read_only):
-            try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-            except duckdb.Error as exc:
-                raise WarehouseError(f"cannot open the warehouse {self.path}: {exc}") from exc
+            con = self._open(read_only, deadline)
             try:
                 if read_only:
                     yield con
@@ -127,6 +140,38 @@ class WarehouseResource(ConfigurableResource):
                     raise
             finally:
                 con.close()
+
+    def _open(self, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
+        """Open DuckDB, waiting with backoff (until ``deadline``) while another program holds its file lock.
+
+        Pipeline processes never get here at the same time as a writer (our flock orders them), so
+        a DuckDB lock conflict means a program outside the pipeline has the file open.
+        """
+        delay, warned = 0.05, False
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as exc:
+                if _DUCKDB_LOCK_ERROR not in str(exc):
+                    raise WarehouseError(f"cannot open the warehouse {self.path}: {exc}") from exc
+                holder = _lock_holder(str(exc))
+                now = time.monotonic()
+                if now >= deadline:
+                    raise WarehouseError(
+                        f"the warehouse {self.path} is held open by {holder}, which did not close it within "
+                        f"lock_timeout_seconds={self.lock_timeout_seconds:g}: "
+                        "close that program (a duckdb shell or notebook with the file open), or read an export or "
+                        "a copy instead (README: Reading the warehouse safely); lock_timeout_seconds sets how "
+                        "long runs wait"
+                    ) from None
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "the warehouse %s is held open by %s; waiting up to %.0f s for it to close",
+                        self.path, holder, deadline - now,
+                    )
+                time.sleep(min(delay, max(deadline - now, 0.0)))
+                delay = min(delay * 2, 1.0)
 
     @contextlib.contextmanager
     def _lock(self, home: Path, *, exclusive: bool) -> Iterator[None]:
@@ -151,6 +196,12 @@ class WarehouseResource(ConfigurableResource):
         with self.connect(read_only=True) as con:
             reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
             yield from reader
+
+
+def _lock_holder(message: str) -> str:
+    """The program DuckDB names as holding the file (``process 4242 (/usr/bin/duckdb)``), when it names one."""
+    match = _DUCKDB_LOCK_HOLDER.search(message)
+    return f"process {match.group(2)} ({match.group(1)})" if match else "another program"
 
 
 def deleted_rows(con: duckdb.DuckDBPyConnection, delete_sql: str, params: list[Any] | None = None) -> int:
