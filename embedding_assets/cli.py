@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
     find.add_argument("--json", action="store_true", help="one JSON object per hit")
     find.add_argument("--source", default=None, metavar="NAME", help="only hits from this source")
+    find.add_argument("--mode", default=None, choices=["vector", "lexical", "hybrid"],
+                      help="vector (default), lexical (BM25) or hybrid (both, reciprocal-rank fusion)")
+    find.add_argument("--chunks", action="store_true", help="every matching chunk, not the best chunk per document")
     sub.add_parser("sources", help="list the sources found under EMBEDDING_SOURCES_DIR")
     rm = sub.add_parser("remove-source", help="delete a removed source's partition, rows and vectors")
     rm.add_argument("name")
@@ -192,7 +195,7 @@ def _remove_source(args) -> int:
 
 
 def _search(args) -> int:
-    from embedding_assets.search import search
+    from embedding_assets.search import DEFAULT_MODE, SearchError, search
     from embedding_assets.settings import index_store_resource, model_resource
     from resources.index_store import IndexStoreError
 
@@ -200,10 +203,14 @@ def _search(args) -> int:
         print("error: --k must be >= 1", file=sys.stderr)
         return EXIT_USAGE
     try:
-        hits = search(args.query, args.k, model=model_resource(), index_store=index_store_resource(), source=args.source)
+        hits = search(args.query, args.k, model=model_resource(), index_store=index_store_resource(), source=args.source,
+                      mode=args.mode or DEFAULT_MODE, per_document=not args.chunks)
     except IndexStoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except SearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     for rank, hit in enumerate(hits, 1):
         if args.json:
             print(hit.to_json())

@@ -3,6 +3,10 @@
 Reads only the current index version (see ``embedding_assets.core.index_version``): no warehouse
 connection and no lock, so no writer can delay a query. This module must not import the warehouse
 (a structural test keeps it so).
+
+Modes: ``vector`` (the FAISS index over the quantized codes), ``lexical`` (BM25 inside the version) and
+``hybrid`` (both, fused by reciprocal-rank fusion with k = 60). Results are the best chunk per document
+by default (``per_document=False`` returns chunks).
 """
 
 from __future__ import annotations
@@ -12,11 +16,21 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from embedding_assets.core.index_version import IndexVersion
 from resources.index_store import IndexStoreError, IndexStoreResource
 from resources.model import EmbeddingModelResource
 
-# Hits are filtered by source after retrieval: fetch this many times k so a filter still fills k.
+MODES = ("vector", "lexical", "hybrid")
+DEFAULT_MODE = "vector"
+RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.; the usual default)
+# Candidates fetched per hit wanted: per-document results and a source filter need more to fill k.
+PER_DOCUMENT_OVERFETCH = 4
 SOURCE_FILTER_OVERFETCH = 8
+MIN_FUSION_CANDIDATES = 50
+
+
+class SearchError(ValueError):
+    """A search request that cannot be answered as asked (bad k or mode); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -40,15 +54,52 @@ def search(
     model: EmbeddingModelResource,
     index_store: IndexStoreResource,
     source: str | None = None,
+    mode: str = DEFAULT_MODE,
+    per_document: bool = True,
 ) -> list[Hit]:
-    """Top-k chunks of the published index for ``query`` (best first), optionally of one ``source``.
+    """Top-k hits of the published version for ``query`` (best first), optionally of one ``source``.
 
+    ``score`` is the inner product with the query (cosine) in ``vector`` mode, the BM25 score in
+    ``lexical`` mode and the fused reciprocal-rank score in ``hybrid`` mode.
     Raises IndexStoreError when nothing is published or the index was built with another model, and
-    ValueError for k < 1.
+    SearchError for k < 1, an unknown mode, or a lexical mode on a version without a lexical index.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise SearchError(f"k must be >= 1, got {k}")
+    if mode not in MODES:
+        raise SearchError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
     version = index_store.open_current()
+    if mode != "vector" and not version.has_lexical:
+        raise SearchError(f"index {version.version} has no lexical index: search with mode 'vector' or rebuild it")
+    wanted = k * (PER_DOCUMENT_OVERFETCH if per_document else 1) * (SOURCE_FILTER_OVERFETCH if source else 1)
+    ranked: list[tuple[int, float]] = []  # (row, score), best first
+    if mode in ("vector", "hybrid"):
+        _check_model(version, model)
+        vectors, _ = model.encode([query])
+        fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
+        scores, ids = version.search(np.ascontiguousarray(vectors, dtype=np.float32), fetch)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        rows = version.rows_of([i for i, _ in found]) if found else []
+        ranked = [(int(r), s) for r, (_, s) in zip(rows, found)]
+    if mode in ("lexical", "hybrid"):
+        fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
+        lexical_scores, lexical_rows = version.lexical_search(query, fetch)
+        lexical = [(int(r), float(s)) for r, s in zip(lexical_rows, lexical_scores)]
+        ranked = lexical if mode == "lexical" else reciprocal_rank_fusion([ranked, lexical])
+    return _hits(version, ranked, k, source=source, per_document=per_document)
+
+
+def reciprocal_rank_fusion(rankings: list[list[tuple[int, float]]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Fuse ranked lists of (item, score) by reciprocal rank: sum of 1 / (k + rank), rank from 1.
+    Returns (item, fused score), best first; ties by item for a stable order."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (item, _) in enumerate(ranking, 1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(fused.items(), key=lambda pair: (-pair[1], pair[0]))
+
+
+def _check_model(version: IndexVersion, model: EmbeddingModelResource) -> None:
     fingerprint = model.model_fingerprint()
     if version.manifest["model_fingerprint"] != fingerprint:
         raise IndexStoreError(
@@ -56,17 +107,24 @@ def search(
             f"but the configured model is {fingerprint}: configure the same model (EMBEDDING_MODEL, "
             "EMBEDDING_DTYPE, EMBEDDING_MAX_SEQ_LENGTH) or rebuild the index"
         )
-    vectors, _ = model.encode([query])
-    fetch = k * SOURCE_FILTER_OVERFETCH if source else k
-    scores, ids = version.search(np.ascontiguousarray(vectors, dtype=np.float32), fetch)
-    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-    if not found:
+
+
+def _hits(version: IndexVersion, ranked: list[tuple[int, float]], k: int, *, source: str | None,
+          per_document: bool) -> list[Hit]:
+    if not ranked:
         return []
-    rows = version.chunk_rows(version.rows_of([i for i, _ in found]))
-    hits = [
-        Hit(chunk_id=r["chunk_id"], doc_path=r["doc_path"], source=r["source"], score=score, text=r["text"],
-            heading_path=r["heading_path"], title=r.get("title"))
-        for (_, score), r in zip(found, rows)
-        if source is None or r["source"] == source
-    ]
-    return hits[:k]
+    rows = version.chunk_rows([row for row, _ in ranked])
+    hits, documents = [], set()
+    for (_, score), r in zip(ranked, rows):
+        if source is not None and r["source"] != source:
+            continue
+        document = (r["source"], r["doc_path"])
+        if per_document:
+            if document in documents:
+                continue
+            documents.add(document)
+        hits.append(Hit(chunk_id=r["chunk_id"], doc_path=r["doc_path"], source=r["source"], score=score,
+                        text=r["text"], heading_path=r["heading_path"], title=r.get("title")))
+        if len(hits) == k:
+            break
+    return hits

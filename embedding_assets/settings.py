@@ -40,6 +40,17 @@ def env_float(name: str, default: float) -> float:
         raise SettingError(f"{name}={raw!r} is not a number") from None
 
 
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"{name}={raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+
+
 def home_dir() -> Path:
     return Path(env_str("EMBEDDING_HOME", ".embedding_home")).expanduser().resolve()
 

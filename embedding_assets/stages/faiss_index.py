@@ -76,6 +76,7 @@ class IndexSettings:
     recall_queries: int = 200
     min_nlist: int = 8
     max_growth: float = 2.0  # retrain when the corpus grows past this multiple of the trained count
+    lexical: bool = True  # a BM25 index of the rows inside the version (hybrid and lexical search)
 
     def __post_init__(self):
         if self.layout not in iv.LAYOUTS:
@@ -88,7 +89,8 @@ class IndexSettings:
     def tuning(self, count: int) -> dict[str, Any]:
         """The settings a published version must share to be kept as is."""
         return {"layout": self.layout, "target_recall": self.target_recall, "recall_k": min(self.recall_k, count),
-                "recall_queries": self.recall_queries, "min_nlist": self.min_nlist, "nprobe_rule": NPROBE_RULE}
+                "recall_queries": self.recall_queries, "min_nlist": self.min_nlist, "nprobe_rule": NPROBE_RULE,
+                "lexical": self.lexical}
 
 
 @dataclass
@@ -332,6 +334,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
         del int8_out
     np.save(scratch / iv.RANGES_FILE, ranges.astype(np.float32))
     iv.write_index(index, scratch / iv.INDEX_FILE[layout])
+    vocabulary = iv.build_lexical(scratch, _lexical_texts(scratch)) if settings.lexical else 0
 
     # The tuning queries are corpus vectors; each one's own vector would be a free hit and inflate recall
     # (by ~1/k), so it is left out of both lists: recall as an unseen query would see it.
@@ -356,6 +359,8 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
         "build_mode": report.mode,
         "retrain_reason": report.retrain_reason,
         "pending_chunks": snapshot.pending,
+        "lexical": settings.lexical,
+        "lexical_vocabulary": vocabulary,
         **trained,
     }
     version = iv.IndexVersion.open(scratch, {**manifest, "files": _sizes(scratch, layout)})
@@ -514,6 +519,15 @@ def _codes_of(snapshot: Snapshot, vector_ids: np.ndarray, dimension: int) -> tup
 
 def _stack(parts: list[np.ndarray], dtype, width: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, width), dtype=dtype)
+
+
+def _lexical_texts(scratch: Path) -> Iterator[list[str]]:
+    """The version's rows as the lexical index reads them, in row order, a batch at a time."""
+    reader = pa.ipc.open_file(pa.memory_map(str(scratch / iv.CHUNKS_FILE), "r"))
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        yield [iv.lexical_text(t, h, x) for t, h, x in zip(batch.column("title").to_pylist(),
+               batch.column("heading_path").to_pylist(), batch.column("text").to_pylist())]
 
 
 def _float_batches(snapshot: Snapshot, dimension: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
