@@ -42,16 +42,20 @@ def _check_ranges(ranges: np.ndarray, dim: int) -> np.ndarray:
     return ranges
 
 
-def calibration_ranges(sample: np.ndarray) -> np.ndarray:
+def calibration_ranges(sample: np.ndarray, *, min_half_width: float = 0.0) -> np.ndarray:
     """Per-dimension [min; max] of a float sample (n, dim), n >= 1: array (2, dim) float32.
 
+    ``min_half_width`` widens any dimension whose range is narrower than ``2 * min_half_width``
+    symmetrically around its centre, so a small sample does not squeeze later vectors into a few buckets.
     Compute once from a representative corpus sample and reuse for every batch.
     Raises QuantizationError on an empty, non-2-D, non-float or non-finite sample.
     """
     sample = _float_matrix(sample, "calibration sample")
     if sample.shape[0] == 0:
         raise QuantizationError("calibration sample is empty: need at least one embedding")
-    return np.stack([sample.min(axis=0), sample.max(axis=0)]).astype(np.float32)
+    low, high = sample.min(axis=0), sample.max(axis=0)
+    centre, half = (low + high) / 2, np.maximum((high - low) / 2, min_half_width)
+    return np.stack([centre - half, centre + half]).astype(np.float32) if min_half_width > 0 else np.stack([low, high]).astype(np.float32)
 
 
 def quantize_int8(embeddings: np.ndarray, ranges: np.ndarray) -> np.ndarray:

@@ -202,6 +202,14 @@ def build_and_publish(
     """
     started = time.perf_counter()
     report = IndexReport(dimension=dimension, layout=settings.layout)
+    # Nothing to do needs no lock and writes nothing (a read-only home can still confirm its index).
+    kept = _unchanged_now(warehouse, index_store, model_fingerprint, dimension, settings)
+    if kept is not None:
+        with warehouse.connect(read_only=True) as con:
+            report.pending = pending_chunks(con, model_fingerprint)
+        _report_kept(report, kept)
+        report.seconds = time.perf_counter() - started
+        return report, kept
     with index_store.build_lock(), ExitStack() as stack:
         current = index_store.current(verify="full")
         work = stack.enter_context(index_store.scratch())
@@ -226,6 +234,15 @@ def build_and_publish(
     report.version_bytes = sum(f["bytes"] for f in published.manifest.get("files", {}).values())
     report.seconds = time.perf_counter() - started
     return report, published
+
+
+def _unchanged_now(warehouse, index_store, fingerprint, dimension, settings) -> PublishedIndex | None:
+    current = index_store.current(verify="full")
+    if current is None:
+        return None
+    with warehouse.connect(read_only=True) as con:
+        digest = live_digest(con, fingerprint)
+    return _unchanged(current, digest, fingerprint, dimension, settings)
 
 
 def current_if_unchanged(
@@ -376,6 +393,8 @@ def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimensi
     """The current version's index with removed ids taken out, the ids still to add and its training
     facts — or ``(None, None, None)`` when a full build is needed (``report.retrain_reason`` says why)."""
     reason = _full_build_reason(current, fingerprint, dimension, settings)
+    if reason is None and _ranges_changed(current, snapshot.ranges):
+        reason = "the int8 calibration ranges changed (the corpus outgrew its calibration sample)"
     if reason is None:
         try:
             old_ids = np.load(current.path / iv.IDS_FILE)
@@ -440,6 +459,14 @@ def _full_build_reason(current: PublishedIndex | None, fingerprint: str, dimensi
     if (m.get("tuning") or {}).get("min_nlist") != settings.min_nlist or m.get("trained_count") is None:
         return "index settings changed"
     return None
+
+
+def _ranges_changed(current: PublishedIndex, ranges: np.ndarray) -> bool:
+    """The int8 codes were recalibrated since ``current`` was built: its scalar quantizer no longer fits."""
+    try:
+        return not np.array_equal(np.load(current.path / iv.RANGES_FILE), ranges.astype(np.float32))
+    except (OSError, ValueError):
+        return True
 
 
 def _without(found: np.ndarray, own_ids: np.ndarray | None, k: int) -> np.ndarray:
