@@ -12,7 +12,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedding_assets.core.cleaning import SUPPORTED_SUFFIXES
+from embedding_assets.core.formats import SUPPORTED_SUFFIXES
 
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
