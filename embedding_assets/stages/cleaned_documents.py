@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import atexit
 import json
-import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 
 from embedding_assets.core.cleaning import CleanedDocument, CleaningError, clean_document, cleaning_fingerprints
 from embedding_assets.core.identity import sha256_hex
@@ -81,9 +84,12 @@ def clean_source(
                      AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = d.doc_id
                                      AND c.content_sha256 = d.content_sha256 AND c.cleaning_fingerprint = fp.fingerprint)
                      AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.doc_id = d.doc_id AND q.stage = 'cleaned_documents'
-                                     AND q.content_sha256 = d.content_sha256)
+                                     AND q.content_sha256 = d.content_sha256
+                                     -- a document over the time budget is tried again once the budget is raised
+                                     AND coalesce(TRY_CAST(regexp_extract(q.reason, '^cleaning took longer than ([0-9.e+-]+) s', 1)
+                                                           AS DOUBLE) >= ?, TRUE))
                    ORDER BY d.relative_path""",
-                [suffixes, [fps[x] for x in suffixes], source],
+                [suffixes, [fps[x] for x in suffixes], source, budget if budget > 0 else float("inf")],
             ).fetchall()
         ]
         total = con.execute("SELECT count(*) FROM documents WHERE source = ?", [source]).fetchone()[0]
@@ -171,69 +177,64 @@ def _clean(data: bytes, suffix: str, budget: float) -> CleanedDocument:
         return _WORKER.clean(data, suffix, budget)
 
 
-def _worker_main(conn) -> None:
-    """Worker loop: receive (bytes, suffix), answer ("ok", doc) or ("error", reason) until EOF."""
-    from embedding_assets.core.cleaning import detect_language
-
-    detect_language("warm up the language model before the first budgeted document")
-    conn.send(("ready", None))
-    while True:
-        try:
-            data, suffix = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(("ok", clean_document(data, suffix)))
-        except CleaningError as exc:
-            conn.send(("error", str(exc)))
-        except RecursionError:
-            conn.send(("error", f"{suffix} document nested too deeply to parse"))
-        except Exception as exc:  # noqa: BLE001 - a parser bug on one document must not stop the source
-            conn.send(("error", f"the {suffix} parser failed: {type(exc).__name__}: {exc}"))
-
-
 class _Worker:
-    """One worker process (spawned, so no locks or threads are inherited), started on first use,
-    reused across documents and runs of this process, replaced after it is killed or dies."""
+    """One worker process (``core.formats.worker``), started on first use, reused across documents
+    and runs of this process, replaced after it is killed or dies."""
 
     def __init__(self) -> None:
-        self._process = None
-        self._conn = None
+        self._process: subprocess.Popen | None = None
+        self._requests: Connection | None = None
+        self._answers: Connection | None = None
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        process = context.Process(target=_worker_main, args=(child,), name="cleaned-documents-worker", daemon=True)
-        process.start()
-        child.close()
-        if not parent.poll(_WORKER_START_SECONDS):
-            process.kill()
+        # The child imports exactly what this process imports (same interpreter, same sys.path).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "embedding_assets.core.formats.worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        self._process = process
+        self._requests = Connection(os.dup(process.stdin.fileno()))
+        self._answers = Connection(os.dup(process.stdout.fileno()))
+        process.stdin.close()
+        process.stdout.close()
+        if not self._answers.poll(_WORKER_START_SECONDS):
+            self.stop()
             raise RuntimeError(f"the cleaning worker did not start within {_WORKER_START_SECONDS:g} s")
-        parent.recv()
-        self._process, self._conn = process, parent
+        try:
+            self._answers.recv()
+        except EOFError:
+            code = process.wait()
+            self.stop()
+            raise RuntimeError(f"the cleaning worker exited at start (exit code {code}); see its stderr") from None
 
     def stop(self) -> None:
         if self._process is not None:
-            if self._process.is_alive():
+            if self._process.poll() is None:
                 self._process.kill()
-            self._process.join(5)
-            self._conn.close()
-        self._process = self._conn = None
+            self._process.wait(5)
+            self._requests.close()
+            self._answers.close()
+        self._process = self._requests = self._answers = None
 
     def clean(self, data: bytes, suffix: str, budget: float) -> CleanedDocument:
-        if self._process is None or not self._process.is_alive():
+        if self._process is None or self._process.poll() is not None:
             self.stop()
             self._start()
-        self._conn.send((data, suffix))
-        if not self._conn.poll(budget):
+        try:
+            self._requests.send((data, suffix))
+            ready = self._answers.poll(budget)
+        except (BrokenPipeError, OSError):
+            ready = True  # the worker died: recv below reports it
+        if not ready:
             self.stop()  # the only way to stop a parser stuck in C code
             raise CleaningError(
                 f"cleaning took longer than {budget:g} s; raise EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT to index it"
             )
         try:
-            status, value = self._conn.recv()
+            status, value = self._answers.recv()
         except (EOFError, OSError):
-            code = self._process.exitcode if self._process is not None else None
+            code = self._process.wait(5) if self._process is not None else None
             self.stop()
             raise CleaningError(f"the {suffix} parser crashed on this document (worker exit code {code})") from None
         if status == "error":
