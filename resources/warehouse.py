@@ -65,7 +65,7 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS chunks (
         chunk_id VARCHAR, vector_id BIGINT, doc_id VARCHAR, source VARCHAR, ordinal INTEGER,
         text VARCHAR, text_sha256 VARCHAR, start_char INTEGER, end_char INTEGER,
-        heading_path VARCHAR, token_count INTEGER)""",
+        heading_path VARCHAR, token_count INTEGER, page INTEGER)""",
     # Dedup decision per live chunk: canonical, or a duplicate of another live chunk.
     """CREATE TABLE IF NOT EXISTS chunk_dedup (
         chunk_id VARCHAR, source VARCHAR, text_sha256 VARCHAR, status VARCHAR,
