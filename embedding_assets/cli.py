@@ -216,7 +216,8 @@ def _search(args) -> int:
             print(hit.to_json())
         else:
             snippet = " ".join(hit.text.split())[:200]
-            print(f"{rank}. {hit.score:.3f}  {hit.source}/{hit.doc_path}  {' > '.join(hit.heading_path)}\n   {snippet}")
+            page = f" (page {hit.page})" if hit.page else ""
+            print(f"{rank}. {hit.score:.3f}  {hit.source}/{hit.doc_path}{page}  {' > '.join(hit.heading_path)}\n   {snippet}")
     return 0
 
 

@@ -42,6 +42,7 @@ class Hit:
     text: str
     heading_path: list[str]
     title: str | None = None
+    page: int | None = None  # PDF page of the chunk's start
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -124,7 +125,7 @@ def _hits(version: IndexVersion, ranked: list[tuple[int, float]], k: int, *, sou
                 continue
             documents.add(document)
         hits.append(Hit(chunk_id=r["chunk_id"], doc_path=r["doc_path"], source=r["source"], score=score,
-                        text=r["text"], heading_path=r["heading_path"], title=r.get("title")))
+                        text=r["text"], heading_path=r["heading_path"], title=r.get("title"), page=r.get("page")))
         if len(hits) == k:
             break
     return hits

@@ -31,7 +31,11 @@ from pydantic import Field
 
 from resources.locks import LockTimeout, file_lock
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Migrations from an older schema version, in order: {from version: statements}.
+_MIGRATIONS = {
+    1: ["ALTER TABLE chunks ADD COLUMN IF NOT EXISTS page INTEGER"],  # PDF pages (formats registry)
+}
 
 log = logging.getLogger("embedding_pipeline.warehouse")
 
@@ -263,6 +267,14 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     ).fetchone()[0]:
         row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row and int(row[0]) == SCHEMA_VERSION:
+            return
+        if row and int(row[0]) < SCHEMA_VERSION:
+            for version in range(int(row[0]), SCHEMA_VERSION):
+                for statement in _MIGRATIONS[version]:
+                    con.execute(statement)
+            for statement in _SCHEMA:  # tables and indexes added since (all IF NOT EXISTS)
+                con.execute(statement)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
             return
         if row and int(row[0]) != SCHEMA_VERSION:
             raise WarehouseError(

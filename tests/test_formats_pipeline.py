@@ -59,7 +59,7 @@ def test_every_format_is_searchable_with_headings_and_pages(built, query, path, 
     assert hits[0].doc_path == path
     assert hits[0].heading_path == headings
     stored = pipeline.rows("SELECT page FROM chunks WHERE chunk_id = ?", [hits[0].chunk_id])
-    assert stored == [(page,)]
+    assert stored == [(page,)] and hits[0].page == page  # the hit itself carries its page
 
 
 def test_pdf_chunks_carry_the_page_of_their_first_block(built):

@@ -313,3 +313,18 @@ def test_a_small_calibration_sample_is_redone_as_the_corpus_grows_and_the_index_
     embed(1000, 20)  # 65 < 4 x 45: the ranges stay
     assert not quantize_source(warehouse, "s", model_fingerprint=FP).calibrated_now
     assert CALIBRATION_SAMPLE == 10_000
+
+
+def test_a_schema_1_warehouse_is_migrated_in_place(tmp_path):
+    warehouse = WarehouseResource(home=str(tmp_path))
+    with warehouse.connect() as con:  # make it look like a warehouse written before `chunks.page` existed
+        con.execute("INSERT INTO chunks (chunk_id, text) VALUES ('old', 'kept')")
+        con.execute("DROP INDEX chunks_doc")
+        con.execute("DROP INDEX chunks_source")
+        con.execute("ALTER TABLE chunks DROP COLUMN page")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with warehouse.connect() as con:
+        assert con.execute("SELECT chunk_id, text, page FROM chunks").fetchall() == [("old", "kept", None)]
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("2",)]
+        indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'chunks'").fetchall()}
+        assert {"chunks_doc", "chunks_source"} <= indexes

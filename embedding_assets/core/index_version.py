@@ -13,7 +13,8 @@ A version folder holds::
     code_hashes.npy uint64 (n,): a hash of each row's int8 and binary codes, so the next build sees a vector
                     rewritten under the same id (a repaired embedding) and replaces it
     chunks.arrow    Arrow IPC file, rows in ids order: vector_id, chunk_id, source, doc_path,
-                    heading_path (JSON list), title, text (memory-mapped; only hit rows are touched)
+                    heading_path (JSON list), title, text, page (PDF; else null) (memory-mapped; only hit rows
+                    are touched)
     bm25/           optional lexical index (bm25s, Lucene BM25) over title + heading path + text of each
                     row, document numbers = rows; searched by ``lexical_search`` and fused by the caller
 
@@ -70,6 +71,7 @@ CHUNK_SCHEMA = pa.schema([
     ("heading_path", pa.string()),
     ("title", pa.string()),
     ("text", pa.string()),
+    ("page", pa.int32()),
 ])
 
 

@@ -144,7 +144,7 @@ def live_digest(con, model_fingerprint: str) -> dict[str, int]:
     equal digests mean a version built now would hold the same vectors and show the same chunks."""
     count, ids, meta, codes = con.execute(
         f"""SELECT count(*), coalesce(bit_xor(q.vector_id), 0),
-                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''))), 0),
+                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''), coalesce(k.page, -1))), 0),
                    coalesce(bit_xor(hash(q.vector_id, q.int8, q.ubinary)), 0) {LIVE_SET}""",
         [model_fingerprint, model_fingerprint],
     ).fetchall()[0]
@@ -174,7 +174,7 @@ def take_snapshot(con, model_fingerprint: str, folder: Path) -> Snapshot:
     path = folder / SNAPSHOT_FILE
     con.sql(
         f"""SELECT q.vector_id, k.chunk_id, k.source, d.relative_path AS doc_path, k.heading_path, c.title, k.text,
-                   k.token_count, q.int8, q.ubinary, e.vector {LIVE_SET} ORDER BY q.vector_id""",
+                   k.page::INTEGER AS page, k.token_count, q.int8, q.ubinary, e.vector {LIVE_SET} ORDER BY q.vector_id""",
         params=[model_fingerprint, model_fingerprint],
     ).write_parquet(str(path), row_group_size=BATCH_ROWS)
     count = pq.ParquetFile(path).metadata.num_rows
@@ -324,7 +324,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
     position = 0
     with pa.ipc.new_file(str(scratch / iv.CHUNKS_FILE), iv.CHUNK_SCHEMA) as chunk_writer:
         for batch in snapshot.batches(["vector_id", "chunk_id", "source", "doc_path", "heading_path", "title", "text",
-                                       "int8", "ubinary", "vector"]):
+                                       "page", "int8", "ubinary", "vector"]):
             rows = len(batch)
             ids = batch.column("vector_id").to_numpy().astype(np.int64)
             int8_codes = _codes(batch.column("int8"), np.int8, dimension)
