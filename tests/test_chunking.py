@@ -249,4 +249,5 @@ def test_a_word_whose_tokens_share_characters_is_split_by_characters(tokenizer, 
     settings = ChunkingSettings(chunk_tokens=4, overlap_tokens=0, min_chunk_tokens=0)
     chunks = chunk_document(doc, tokenizer, settings, max_tokens)
     assert_valid_chunks(chunks, doc, tokenizer, 4)
-    assert "".join(c.text for c in chunks) == "Xa한"
+    covered = {i for c in chunks for i in range(c.start, c.end)}
+    assert covered == set(range(len(doc.text))) and all(c.token_count <= 4 for c in chunks)
