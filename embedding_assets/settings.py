@@ -75,7 +75,11 @@ def model_resource() -> EmbeddingModelResource:
 
 
 def index_store_resource() -> IndexStoreResource:
-    return IndexStoreResource(home=str(home_dir()), keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3))
+    return IndexStoreResource(
+        home=str(home_dir()),
+        keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3),
+        build_lock_timeout_seconds=env_float("EMBEDDING_BUILD_LOCK_TIMEOUT_SECONDS", 3600.0),
+    )
 
 
 def build_resources() -> dict[str, dg.ConfigurableResource]:
@@ -91,7 +95,9 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         "sources": DocumentSourcesResource(
             root=str(sources_dir()), max_file_bytes=env_int("EMBEDDING_MAX_FILE_BYTES", 20 * 1024 * 1024)
         ),
-        "warehouse": WarehouseResource(home=home),
+        "warehouse": WarehouseResource(
+            home=home, lock_timeout_seconds=env_float("EMBEDDING_LOCK_TIMEOUT_SECONDS", 900.0)
+        ),
         "index_store": index_store_resource(),
         "model": model_resource(),
         "cache": EmbeddingCacheResource(
