@@ -73,7 +73,7 @@ def write_snapshot(corpus: np.ndarray, path: Path) -> np.ndarray:
     ranges = calibration_ranges(corpus[:10_000])
     schema = pa.schema([("vector_id", pa.int64()), ("chunk_id", pa.string()), ("source", pa.string()),
                         ("doc_path", pa.string()), ("heading_path", pa.string()), ("title", pa.string()),
-                        ("text", pa.string()), ("token_count", pa.int32()), ("int8", pa.binary()),
+                        ("text", pa.string()), ("page", pa.int32()), ("token_count", pa.int32()), ("int8", pa.binary()),
                         ("ubinary", pa.binary()), ("vector", pa.list_(pa.float32()))])
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, len(corpus), 8192):
@@ -83,7 +83,7 @@ def write_snapshot(corpus: np.ndarray, path: Path) -> np.ndarray:
             writer.write_table(pa.table({
                 "vector_id": ids, "chunk_id": [f"c{i}" for i in ids], "source": ["s"] * len(ids),
                 "doc_path": ["d"] * len(ids), "heading_path": ["[]"] * len(ids), "title": [None] * len(ids),
-                "text": ["t"] * len(ids), "token_count": np.ones(len(ids), dtype=np.int32),
+                "text": ["t"] * len(ids), "page": pa.nulls(len(ids), pa.int32()), "token_count": np.ones(len(ids), dtype=np.int32),
                 "int8": [r.tobytes() for r in quantize_int8(block, ranges)],
                 "ubinary": [r.tobytes() for r in quantize_binary(block)],
                 "vector": pa.ListArray.from_arrays(offsets, pa.array(block.reshape(-1))),
@@ -99,10 +99,10 @@ def build_layout(layout: str, snapshot: Path, ranges: np.ndarray, n: int, folder
     started = time.perf_counter()
     report = IndexReport(layout=layout)
     manifest = _build(Snapshot(snapshot, n, {"count": n}, ranges, 0), None, out, report, "synthetic", DIM,
-                      IndexSettings(layout=layout), lambda *a: None)
+                      IndexSettings(layout=layout, lexical=False), lambda *a: None)
     from embedding_assets.core import index_version as iv
 
-    manifest["files"] = {p.name: iv.file_digest(p) for p in out.iterdir()}
+    manifest["files"] = {p.relative_to(out).as_posix(): iv.file_digest(p) for p in iv.version_files(out)}
     (out / iv.MANIFEST_FILE).write_text(json.dumps(manifest))
     return {"seconds_to_build": round(time.perf_counter() - started, 1), "nlist": manifest["nlist"],
             "nprobe": manifest["nprobe"], "rescore_multiplier": manifest["rescore_multiplier"],

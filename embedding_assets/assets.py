@@ -29,7 +29,7 @@ from embedding_assets.core.chunking import ChunkingSettings, max_chunk_tokens
 from embedding_assets.core.dedup import MinHashSettings
 from embedding_assets.partitions import sources_partitions
 from embedding_assets.progress import for_context
-from embedding_assets.settings import env_float, env_int, env_str
+from embedding_assets.settings import env_bool, env_float, env_int, env_str
 from embedding_assets.stages.chunks import chunk_source
 from embedding_assets.stages.cleaned_documents import clean_source
 from embedding_assets.stages.deduped_chunks import dedup_source
@@ -88,10 +88,12 @@ class IndexConfig(dg.Config):
     target_recall: float = Field(default=env_float("EMBEDDING_TARGET_RECALL", 0.95), description="recall@10 against exact float32 search that nprobe (and the rescore multiplier) are tuned to.")
     recall_queries: int = Field(default=env_int("EMBEDDING_RECALL_QUERIES", 200), description="Sampled queries for recall.")
     min_nlist: int = Field(default=env_int("EMBEDDING_MIN_NLIST", 8), description="Below this many lists, build a flat index.")
+    lexical: bool = Field(default=env_bool("EMBEDDING_LEXICAL_INDEX", True), description="Publish a BM25 index inside each version (lexical and hybrid search).")
 
     def to_settings(self) -> IndexSettings:
         return IndexSettings(
-            layout=self.layout, target_recall=self.target_recall, recall_queries=self.recall_queries, min_nlist=self.min_nlist,
+            layout=self.layout, target_recall=self.target_recall, recall_queries=self.recall_queries,
+            min_nlist=self.min_nlist, lexical=self.lexical,
         )
 
 

@@ -7,8 +7,11 @@ Runs execute in-process against the Dagster instance in ``DAGSTER_HOME`` (defaul
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
     find.add_argument("--json", action="store_true", help="one JSON object per hit")
     find.add_argument("--source", default=None, metavar="NAME", help="only hits from this source")
+    find.add_argument("--mode", default=None, choices=["vector", "lexical", "hybrid"],
+                      help="vector (default), lexical (BM25) or hybrid (both, reciprocal-rank fusion)")
+    find.add_argument("--chunks", action="store_true", help="every matching chunk, not the best chunk per document")
     sub.add_parser("sources", help="list the sources found under EMBEDDING_SOURCES_DIR")
     rm = sub.add_parser("remove-source", help="delete a removed source's partition, rows and vectors")
     rm.add_argument("name")
@@ -48,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     args = parser.parse_args(argv)
-    _ensure_dagster_home()
     try:
         if args.command == "materialize":
             return _materialize(args)
@@ -61,51 +66,205 @@ def main(argv: list[str] | None = None) -> int:
         return _sources()
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - an expected failure is one line; anything else is a bug: its traceback
+        message = explain(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, CommandError) else EXIT_FAILED
 
 
-def _ensure_dagster_home() -> None:
+class CommandError(Exception):
+    """A command refused its input or cannot start; the message names the input and what to do."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def explain(exc: BaseException) -> str | None:
+    """The one-line message for an expected failure (bad input, missing or damaged state, a lock
+    timeout, a full disk, bad settings), or None for anything else, which is a bug worth its traceback.
+
+    A full disk is recognized anywhere in the exception chain (the warehouse, the index store, the
+    cache, Dagster's own storage): the message names the folder, says there is no space left on device
+    and that nothing stored was lost (every write is rolled back or published atomically).
+    """
+    from embedding_assets.runner import RunFailed
+
+    if isinstance(exc, RunFailed):
+        where = f"source {exc.source}: " if exc.source else ""
+        inner = explain(exc.cause) if exc.cause is not None and exc.cause is not exc else None
+        if inner is None:
+            full = _disk_full(exc)
+            return f"{where}{full}" if full else None
+        return f"{where}{inner}"
+    if isinstance(exc, _expected_errors()):
+        message = str(exc)
+        if "another index build is still running" in message:
+            message += "; retry later, or set EMBEDDING_BUILD_LOCK_TIMEOUT_SECONDS to wait longer"
+        return message
+    return _disk_full(exc) or _os_error(exc)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from embedding_assets.checks import QualityGateError
+    from embedding_assets.core.chunking import ChunkingError
+    from embedding_assets.core.sources import SourceError
+    from embedding_assets.settings import SettingError
+    from embedding_assets.stages.remove_source import SourceRemovalError
+    from resources.cache.errors import EmbeddingCacheConfigError, EmbeddingCacheStorageError
+    from resources.index_store import IndexStoreError
+    from resources.locks import LockTimeout
+    from resources.model import ModelConfigError
+    from resources.warehouse import WarehouseError
+
+    return (
+        CommandError, WarehouseError, IndexStoreError, SettingError, SourceError, SourceRemovalError,
+        ModelConfigError, EmbeddingCacheConfigError, EmbeddingCacheStorageError, LockTimeout,
+        QualityGateError, ChunkingError,
+    )  # fmt: skip
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        todo += [item.__cause__, item.__context__, getattr(item, "cause", None), getattr(item, "user_exception", None)]
+    return seen
+
+
+_FULL_SIGNS = ("No space left on device", "database or disk is full")
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    chain = _chain(exc)
+    if not any(
+        (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(sign in str(e) for sign in _FULL_SIGNS)
+        for e in chain
+    ):
+        return None
+    from resources.warehouse import WarehouseError
+
+    for e in chain:
+        if isinstance(e, WarehouseError):  # it names the file and the remedy already
+            return str(e)
+    named = [Path(e.filename) for e in chain if isinstance(e, OSError) and isinstance(e.filename, str)]
+    folder = _full_folder(named)
+    return (
+        f"no space left on device in {folder}: free space on that disk (or move EMBEDDING_HOME / DAGSTER_HOME "
+        "to a larger one) and run again; nothing stored was lost: the failed write was rolled back and the "
+        "published index is unchanged"
+    )
+
+
+def _full_folder(named: list[Path]) -> Path:
+    """The folder whose disk is full: a path the error named, else the state folder with no space left."""
+    from embedding_assets.settings import home_dir
+
+    candidates = [p if p.is_dir() else p.parent for p in named]
+    candidates += [home_dir(), Path(os.environ.get("DAGSTER_HOME") or home_dir() / "dagster")]
+    for folder in candidates:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if shutil.disk_usage(existing).free < 1 << 20:
+                return folder
+        except OSError:
+            continue
+    return candidates[0]
+
+
+def _os_error(exc: BaseException) -> str | None:
+    """A file-system refusal (permissions, read-only, a file where a folder belongs), naming the path."""
+    if not isinstance(exc, OSError) or exc.errno not in _OS_REMEDIES:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"cannot use{where}: {exc.strerror}: {_OS_REMEDIES[exc.errno]}"
+
+
+_OS_REMEDIES = {
+    errno.EACCES: "give the pipeline's user permission on it (EMBEDDING_HOME, DAGSTER_HOME)",
+    errno.EPERM: "give the pipeline's user permission on it (EMBEDDING_HOME, DAGSTER_HOME)",
+    errno.EROFS: "remount it read-write or point EMBEDDING_HOME / DAGSTER_HOME at a writable folder",
+    errno.EEXIST: "a file is in the way of a folder: move it aside or point EMBEDDING_HOME / DAGSTER_HOME elsewhere",
+    errno.ENOTDIR: "a file is in the way of a folder: move it aside or point EMBEDDING_HOME / DAGSTER_HOME elsewhere",
+}
+
+
+def _instance():
+    """The Dagster instance of DAGSTER_HOME (default ``{EMBEDDING_HOME}/dagster``), created on first use.
+
+    Only the commands that run jobs open it: ``search`` and ``sources`` also work on a read-only home.
+    """
+    import dagster as dg
+
     from embedding_assets.settings import home_dir
 
     if not os.environ.get("DAGSTER_HOME"):
         os.environ["DAGSTER_HOME"] = str(home_dir() / "dagster")
     dagster_home = Path(os.environ["DAGSTER_HOME"])
-    dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML)
+    try:
+        dagster_home.mkdir(parents=True, exist_ok=True)
+        if not config.exists():
+            config.write_text(DAGSTER_YAML)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # explain() names the full folder; a failed write names no file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(exc.filename or config)) from exc
+        raise CommandError(
+            f"cannot create the Dagster instance folder {dagster_home} (DAGSTER_HOME): {exc.strerror or exc}: "
+            + _OS_REMEDIES.get(exc.errno, "point DAGSTER_HOME at a writable folder"),
+            EXIT_FAILED,
+        ) from exc
+    try:
+        return dg.DagsterInstance.get()
+    except Exception as exc:  # noqa: BLE001 - a damaged dagster.yaml or instance storage; Dagster's own types vary
+        if _disk_full(exc):
+            raise
+        raise CommandError(
+            f"cannot open the Dagster instance in {dagster_home} (DAGSTER_HOME): {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}: fix or move aside {config} "
+            "(a new one is written on the next run) or point DAGSTER_HOME at another folder; the warehouse and "
+            "the published index do not depend on it",
+            EXIT_FAILED,
+        ) from exc
 
 
 def _sources() -> int:
     from embedding_assets.settings import sources_dir
     from embedding_assets.core.sources import list_sources
 
-    for name in list_sources(sources_dir()):
+    root = sources_dir()
+    if not root.is_dir():
+        raise CommandError(_no_sources_root(root))
+    for name in list_sources(root):
         print(name)
     return 0
 
 
 def _materialize(args) -> int:
-    import dagster as dg
-
     from embedding_assets.definitions import defs
-    from embedding_assets.runner import RunFailed, materialize_index, materialize_source, source_summary
+    from embedding_assets.runner import materialize_index, materialize_source, source_summary
     from embedding_assets.progress import TerminalProgress, set_terminal_reporter
     from embedding_assets.settings import sources_dir
-    from embedding_assets.core.sources import list_sources, source_dir
+    from embedding_assets.core.sources import list_sources
 
     root = sources_dir()
+    if not args.source and not root.is_dir():
+        raise CommandError(_no_sources_root(root))
     names = args.source or list_sources(root)
     if not names:
-        print(f"error: no sources under {root} (EMBEDDING_SOURCES_DIR); create a folder per source", file=sys.stderr)
-        return EXIT_USAGE
+        raise CommandError(f"no sources under {root} (EMBEDDING_SOURCES_DIR); create a folder per source")
+    instance = _instance()
     for name in names:
-        try:
-            source_dir(root, name)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+        _check_source_name(root, name, instance)
     out = sys.stderr if args.json else sys.stdout
-    instance = dg.DagsterInstance.get()
     set_terminal_reporter(TerminalProgress())
     report: dict[str, Any] = {"sources": {}, "index": None}
     started = time.perf_counter()
@@ -117,9 +276,6 @@ def _materialize(args) -> int:
         if not args.no_index:
             print("index", file=out)
             report["index"] = materialize_index(defs, instance, skip_if_current=True)
-    except RunFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     finally:
         set_terminal_reporter(None)
     report["seconds"] = round(time.perf_counter() - started, 3)
@@ -129,6 +285,30 @@ def _materialize(args) -> int:
     else:
         _print_summary(report)
     return 0
+
+
+def _check_source_name(root: Path, name: str, instance) -> None:
+    """Refuse a name that is no source folder and no known partition (a typo) before any run starts,
+    so it leaves nothing behind. A known source whose folder is gone goes on to its run, which fails
+    unless --allow-empty (the explicit way to empty it)."""
+    from embedding_assets.core.sources import list_sources, source_dir
+    from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
+
+    folder = source_dir(root, name)  # SourceError for names that can never be a source
+    if folder.exists() or instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, name):
+        return
+    known = list_sources(root) if root.is_dir() else []
+    close = difflib.get_close_matches(name, known, n=1)
+    raise CommandError(
+        f"no source folder {folder}: {name!r} is not a source"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + (f"; sources under {root}: {', '.join(known)}" if known else f"; {root} has no source folders")
+    )
+
+
+def _no_sources_root(root: Path) -> str:
+    what = "is not a folder" if root.exists() else "does not exist"
+    return f"the sources root {root} {what}: set EMBEDDING_SOURCES_DIR to the folder holding one folder per source"
 
 
 def _quarantine(names: list[str]) -> list[dict[str, str]]:
@@ -170,19 +350,16 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 
 def _remove_source(args) -> int:
-    import dagster as dg
-
     from embedding_assets.definitions import defs
     from embedding_assets.runner import RunFailed, materialize_index
     from embedding_assets.settings import sources_dir
     from embedding_assets.stages.remove_source import SourceRemovalError, remove_source
 
-    instance = dg.DagsterInstance.get()
+    instance = _instance()
     try:
         report = remove_source(defs.resources["warehouse"], instance, args.name, sources_root=sources_dir())
     except (SourceRemovalError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise CommandError(str(exc)) from exc
     deleted = sum(report.rows_deleted.values())
     print(f"removed source {args.name}: {deleted} rows, partition deleted: {report.partition_deleted}")
     if report.sources_to_rerun:
@@ -192,31 +369,36 @@ def _remove_source(args) -> int:
         try:
             index = materialize_index(defs, instance)
         except RunFailed as exc:
-            print(f"error: index not rebuilt: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            message = explain(exc)
+            if message is None:
+                raise
+            raise CommandError(
+                f"source {args.name} was removed, but the index was not rebuilt: {message}; the published index "
+                "still holds its vectors until `embedding-pipeline materialize` builds a new one",
+                EXIT_FAILED,
+            ) from exc
         print(f"index {index['version']}: {index['row_count']} vectors")
     return 0
 
 
 def _search(args) -> int:
-    from embedding_assets.search import search
+    from embedding_assets.search import DEFAULT_MODE, SearchError, search
     from embedding_assets.settings import index_store_resource, model_resource
-    from resources.index_store import IndexStoreError
 
     if args.k < 1:
-        print("error: --k must be >= 1", file=sys.stderr)
-        return EXIT_USAGE
+        raise CommandError("--k must be >= 1")
     try:
-        hits = search(args.query, args.k, model=model_resource(), index_store=index_store_resource(), source=args.source)
-    except IndexStoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        hits = search(args.query, args.k, model=model_resource(), index_store=index_store_resource(), source=args.source,
+                      mode=args.mode or DEFAULT_MODE, per_document=not args.chunks)
+    except SearchError as exc:
+        raise CommandError(str(exc)) from None
     for rank, hit in enumerate(hits, 1):
         if args.json:
             print(hit.to_json())
         else:
             snippet = " ".join(hit.text.split())[:200]
-            print(f"{rank}. {hit.score:.3f}  {hit.source}/{hit.doc_path}  {' > '.join(hit.heading_path)}\n   {snippet}")
+            page = f" (page {hit.page})" if hit.page else ""
+            print(f"{rank}. {hit.score:.3f}  {hit.source}/{hit.doc_path}{page}  {' > '.join(hit.heading_path)}\n   {snippet}")
     return 0
 
 

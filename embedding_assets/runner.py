@@ -12,6 +12,7 @@ from typing import Any
 
 import dagster as dg
 
+from embedding_assets.core.sources import SourceMissing
 from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
 
 # Which process runs an in-process job: a run whose process died (SIGKILL, OOM, power cut) would stay
@@ -20,25 +21,33 @@ PID_TAG = "embedding_pipeline/pid"
 HOST_TAG = "embedding_pipeline/host"
 UNFINISHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Dagster's console logger prints a failed step with its stack trace at ERROR level. A failure already
+# reaches the caller as RunFailed with its cause (the CLI prints one line for an expected one, the stack
+# trace for a bug), and the run's event log keeps the whole trace for the UI; so quiet runs print nothing.
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 class RunFailed(RuntimeError):
-    """A job failed; ``cause`` is the user-code exception when there was one."""
+    """A job failed; ``cause`` is the user-code exception when there was one, ``source`` the partition."""
 
-    def __init__(self, message: str, cause: BaseException | None = None):
+    def __init__(self, message: str, cause: BaseException | None = None, source: str | None = None):
         super().__init__(message)
         self.cause = cause
+        self.source = source
 
 
-def ensure_partitions(instance: dg.DagsterInstance, names: list[str]) -> None:
+def ensure_partitions(instance: dg.DagsterInstance, names: list[str]) -> list[str]:
+    """Add the dynamic partitions of ``names`` that do not exist yet; returns those this call added."""
     new = [n for n in names if not instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n)]
-    if new:
-        try:
-            instance.add_dynamic_partitions(SOURCES_PARTITIONS_NAME, new)
-        except Exception:  # another process added them between the check and the insert (unique key)
-            if not all(instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n) for n in new):
-                raise
+    if not new:
+        return []
+    try:
+        instance.add_dynamic_partitions(SOURCES_PARTITIONS_NAME, new)
+    except Exception:  # another process added them between the check and the insert (unique key)
+        if not all(instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n) for n in new):
+            raise
+        return []  # theirs, not ours: never removed by this call
+    return new
 
 
 def materialize_source(
@@ -53,15 +62,22 @@ def materialize_source(
     """Run stages 1-6 for one source; returns {asset: metadata}. Raises RunFailed.
 
     ``op_config`` sets asset config by asset name, e.g. ``{"chunks": {"chunk_tokens": 120}}``.
+    A partition this call added is removed again when the run fails because the source folder does not
+    exist (a mistyped name leaves nothing behind); a partition that existed before is never removed.
     """
-    ensure_partitions(instance, [source])
+    added = ensure_partitions(instance, [source])
     run_config: dict[str, Any] = dict(QUIET) if quiet else {}
     ops = {name: {"config": config} for name, config in (op_config or {}).items()}
     if allow_empty:
         ops.setdefault("raw_documents", {"config": {}})["config"]["allow_empty"] = True
     if ops:
         run_config["ops"] = ops
-    return _execute(defs.resolve_job_def("ingest_source"), instance, run_config, partition_key=source)
+    try:
+        return _execute(defs.resolve_job_def("ingest_source"), instance, run_config, partition_key=source)
+    except RunFailed as failed:
+        if added and isinstance(failed.cause, SourceMissing):  # stage 1 refused before writing anything
+            instance.delete_dynamic_partition(SOURCES_PARTITIONS_NAME, source)
+        raise
 
 
 def materialize_index(
@@ -104,7 +120,7 @@ def _execute(job, instance, run_config, partition_key: str | None = None) -> dic
     except Exception as exc:  # noqa: BLE001 - execute_in_process re-raises the user code's own exception
         cause = getattr(exc, "user_exception", None) or exc
         where = f" (source {partition_key})" if partition_key else ""
-        raise RunFailed(f"{type(cause).__name__}{where}: {cause}", cause) from exc
+        raise RunFailed(f"{type(cause).__name__}{where}: {cause}", cause, partition_key) from exc
     return materializations(result)
 
 

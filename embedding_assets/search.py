@@ -3,6 +3,10 @@
 Reads only the current index version (see ``embedding_assets.core.index_version``): no warehouse
 connection and no lock, so no writer can delay a query. This module must not import the warehouse
 (a structural test keeps it so).
+
+Modes: ``vector`` (the FAISS index over the quantized codes), ``lexical`` (BM25 inside the version) and
+``hybrid`` (both, fused by reciprocal-rank fusion with k = 60). Results are the best chunk per document
+by default (``per_document=False`` returns chunks).
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ from embedding_assets.core.index_version import IndexVersion
 from resources.index_store import IndexStoreError, IndexStoreResource
 from resources.model import EmbeddingModelResource
 
-# Hits are filtered by source after retrieval: fetch this many times k so a filter still fills k.
+MODES = ("vector", "lexical", "hybrid")
+DEFAULT_MODE = "vector"
+RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.; the usual default)
+# Candidates fetched per hit wanted: per-document results and a source filter need more to fill k.
+PER_DOCUMENT_OVERFETCH = 4
 SOURCE_FILTER_OVERFETCH = 8
+MIN_FUSION_CANDIDATES = 50
+
+
+class SearchError(ValueError):
+    """A search request that cannot be answered as asked (bad k or mode); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,7 @@ class Hit:
     text: str
     heading_path: list[str]
     title: str | None = None
-    page: int | None = None  # set when the chunk map has a page column (PDF sources)
+    page: int | None = None  # PDF page of the chunk's start
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -42,17 +55,31 @@ def search(
     model: EmbeddingModelResource,
     index_store: IndexStoreResource,
     source: str | None = None,
+    mode: str = DEFAULT_MODE,
+    per_document: bool = True,
 ) -> list[Hit]:
-    """Top-k chunks of the published index for ``query`` (best first), optionally of one ``source``.
+    """Top-k hits of the published version for ``query`` (best first), optionally of one ``source``.
 
+    ``score`` is the inner product with the query (cosine) in ``vector`` mode, the BM25 score in
+    ``lexical`` mode and the fused reciprocal-rank score in ``hybrid`` mode.
     Raises IndexStoreError when nothing is published or the index was built with another model, and
-    ValueError for k < 1.
+    SearchError for k < 1, an unknown mode, or a lexical mode on a version without a lexical index.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_request(k, mode)
+    if mode == "lexical":
+        version = index_store.open_current()
+        return search_version(version, query, None, k, mode=mode, source=source, per_document=per_document)
     version = open_for_model(index_store, model.model_fingerprint())
     vectors, _ = model.encode([query])
-    return search_vector(version, vectors[0], k, source=source)
+    return search_version(version, query, vectors[0], k, mode=mode, source=source, per_document=per_document)
+
+
+def check_request(k: int, mode: str) -> None:
+    """SearchError for k < 1 or an unknown mode (before any work)."""
+    if k < 1:
+        raise SearchError(f"k must be >= 1, got {k}")
+    if mode not in MODES:
+        raise SearchError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def open_for_model(index_store: IndexStoreResource, fingerprint: str) -> IndexVersion:
@@ -71,20 +98,58 @@ def open_for_model(index_store: IndexStoreResource, fingerprint: str) -> IndexVe
     return version
 
 
-def search_vector(version: IndexVersion, vector: np.ndarray, k: int, *, source: str | None = None) -> list[Hit]:
-    """Top-k chunks of ``version`` for one unit query vector (dim,), best first, optionally of one ``source``."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    fetch = k * SOURCE_FILTER_OVERFETCH if source else k
-    scores, ids = version.search(np.ascontiguousarray(np.asarray(vector)[None, :], dtype=np.float32), fetch)
-    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-    if not found:
+def search_version(version: IndexVersion, query: str, vector: np.ndarray | None, k: int, *,
+                   mode: str = DEFAULT_MODE, source: str | None = None, per_document: bool = True) -> list[Hit]:
+    """Top-k hits of an opened ``version``: ``vector`` is the query's unit vector (dim,), needed by the
+    vector and hybrid modes (None in lexical mode); ``query`` is the text, needed by lexical and hybrid."""
+    check_request(k, mode)
+    if mode != "vector" and not version.has_lexical:
+        raise SearchError(f"index {version.version} has no lexical index: search with mode 'vector' or rebuild it")
+    wanted = k * (PER_DOCUMENT_OVERFETCH if per_document else 1) * (SOURCE_FILTER_OVERFETCH if source else 1)
+    ranked: list[tuple[int, float]] = []  # (row, score), best first
+    if mode in ("vector", "hybrid"):
+        if vector is None:
+            raise SearchError(f"mode {mode!r} needs the query vector")
+        fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
+        query_vector = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        scores, ids = version.search(query_vector, fetch)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        rows = version.rows_of([i for i, _ in found]) if found else []
+        ranked = [(int(r), s) for r, (_, s) in zip(rows, found)]
+    if mode in ("lexical", "hybrid"):
+        fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
+        lexical_scores, lexical_rows = version.lexical_search(query, fetch)
+        lexical = [(int(r), float(s)) for r, s in zip(lexical_rows, lexical_scores)]
+        ranked = lexical if mode == "lexical" else reciprocal_rank_fusion([ranked, lexical])
+    return _hits(version, ranked, k, source=source, per_document=per_document)
+
+
+def reciprocal_rank_fusion(rankings: list[list[tuple[int, float]]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Fuse ranked lists of (item, score) by reciprocal rank: sum of 1 / (k + rank), rank from 1.
+    Returns (item, fused score), best first; ties by item for a stable order."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (item, _) in enumerate(ranking, 1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(fused.items(), key=lambda pair: (-pair[1], pair[0]))
+
+
+def _hits(version: IndexVersion, ranked: list[tuple[int, float]], k: int, *, source: str | None,
+          per_document: bool) -> list[Hit]:
+    if not ranked:
         return []
-    rows = version.chunk_rows(version.rows_of([i for i, _ in found]))
-    hits = [
-        Hit(chunk_id=r["chunk_id"], doc_path=r["doc_path"], source=r["source"], score=score, text=r["text"],
-            heading_path=r["heading_path"], title=r.get("title"), page=r.get("page"))
-        for (_, score), r in zip(found, rows)
-        if source is None or r["source"] == source
-    ]
-    return hits[:k]
+    rows = version.chunk_rows([row for row, _ in ranked])
+    hits, documents = [], set()
+    for (_, score), r in zip(ranked, rows):
+        if source is not None and r["source"] != source:
+            continue
+        document = (r["source"], r["doc_path"])
+        if per_document:
+            if document in documents:
+                continue
+            documents.add(document)
+        hits.append(Hit(chunk_id=r["chunk_id"], doc_path=r["doc_path"], source=r["source"], score=score,
+                        text=r["text"], heading_path=r["heading_path"], title=r.get("title"), page=r.get("page")))
+        if len(hits) == k:
+            break
+    return hits

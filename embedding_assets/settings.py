@@ -40,6 +40,17 @@ def env_float(name: str, default: float) -> float:
         raise SettingError(f"{name}={raw!r} is not a number") from None
 
 
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"{name}={raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+
+
 def home_dir() -> Path:
     return Path(env_str("EMBEDDING_HOME", ".embedding_home")).expanduser().resolve()
 
@@ -64,7 +75,11 @@ def model_resource() -> EmbeddingModelResource:
 
 
 def index_store_resource() -> IndexStoreResource:
-    return IndexStoreResource(home=str(home_dir()), keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3))
+    return IndexStoreResource(
+        home=str(home_dir()),
+        keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3),
+        build_lock_timeout_seconds=env_float("EMBEDDING_BUILD_LOCK_TIMEOUT_SECONDS", 3600.0),
+    )
 
 
 def cache_resource():
@@ -93,7 +108,9 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         "sources": DocumentSourcesResource(
             root=str(sources_dir()), max_file_bytes=env_int("EMBEDDING_MAX_FILE_BYTES", 20 * 1024 * 1024)
         ),
-        "warehouse": WarehouseResource(home=home),
+        "warehouse": WarehouseResource(
+            home=home, lock_timeout_seconds=env_float("EMBEDDING_LOCK_TIMEOUT_SECONDS", 900.0)
+        ),
         "index_store": index_store_resource(),
         "model": model_resource(),
         "cache": cache_resource(),

@@ -137,8 +137,10 @@ class IndexStoreResource(ConfigurableResource):
         if manifest.get("format") != iv.FORMAT:
             return f"format {manifest.get('format')} is not {iv.FORMAT} (built by another release)"
         try:
-            for name in iv.files_of(manifest["layout"]):
-                recorded = manifest["files"][name]
+            missing = [name for name in iv.files_of(manifest["layout"]) if name not in manifest["files"]]
+            if missing:
+                return f"the manifest does not list {', '.join(missing)}"
+            for name, recorded in manifest["files"].items():
                 file = path / name
                 if not file.is_file():
                     return f"{name} is missing"
@@ -200,11 +202,13 @@ class IndexStoreResource(ConfigurableResource):
         created = datetime.now(timezone.utc)
         version = f"{created.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:6]}"
         try:
-            files = {p.name: iv.file_digest(p) for p in sorted(scratch.iterdir()) if p.name != iv.MANIFEST_FILE}
+            files = {p.relative_to(scratch).as_posix(): iv.file_digest(p) for p in iv.version_files(scratch)}
             manifest = {**manifest, "version": version, "created": created.isoformat(), "files": files}
             _write_synced(scratch / iv.MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())
-            for file in scratch.iterdir():
+            for file in iv.version_files(scratch) + [scratch / iv.MANIFEST_FILE]:
                 _fsync_file(file)
+            for folder in [p for p in scratch.rglob("*") if p.is_dir()] + [scratch]:
+                _fsync_dir(folder)
             versions = self.root / "versions"
             versions.mkdir(parents=True, exist_ok=True)
             with file_lock(self.root / "publish.lock", exclusive=True, timeout=300):

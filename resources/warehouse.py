@@ -15,6 +15,7 @@ DuckDB reports as the holder, and what to do (README: "Reading the warehouse saf
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import re
 import time
@@ -31,7 +32,11 @@ from pydantic import Field
 
 from resources.locks import LockTimeout, file_lock
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Migrations from an older schema version, in order: {from version: statements}.
+_MIGRATIONS = {
+    1: ["ALTER TABLE chunks ADD COLUMN IF NOT EXISTS page INTEGER"],  # PDF pages (formats registry)
+}
 
 log = logging.getLogger("embedding_pipeline.warehouse")
 
@@ -65,7 +70,7 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS chunks (
         chunk_id VARCHAR, vector_id BIGINT, doc_id VARCHAR, source VARCHAR, ordinal INTEGER,
         text VARCHAR, text_sha256 VARCHAR, start_char INTEGER, end_char INTEGER,
-        heading_path VARCHAR, token_count INTEGER)""",
+        heading_path VARCHAR, token_count INTEGER, page INTEGER)""",
     # Dedup decision per live chunk: canonical, or a duplicate of another live chunk.
     """CREATE TABLE IF NOT EXISTS chunk_dedup (
         chunk_id VARCHAR, source VARCHAR, text_sha256 VARCHAR, status VARCHAR,
@@ -114,12 +119,19 @@ class WarehouseResource(ConfigurableResource):
 
         Writers are serialized across processes; readers share the lock with each other.
         A unit of work that raises is rolled back, so nothing already stored is lost.
+
+        Storage failures become WarehouseError with a message naming the file and what to do: a
+        damaged file (garbage, truncated, empty, a folder in its place, another schema version), a full
+        disk, a read-only or unreadable home. DuckDB errors of the query itself (a bug) are raised as they are.
         """
         home = Path(self.home)
         try:
             home.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise WarehouseError(f"cannot create the home folder {home} (EMBEDDING_HOME): {exc}") from exc
+            raise WarehouseError(
+                f"cannot create the home folder {home} (EMBEDDING_HOME): {exc.strerror or exc}: "
+                f"{_remedy_for_os_error(exc, home)}"
+            ) from exc
         if read_only and not self.path.exists():
             with self.connect():  # first use: create the schema under the write lock
                 pass
@@ -128,18 +140,38 @@ class WarehouseResource(ConfigurableResource):
             con = self._open(read_only, deadline)
             try:
                 if read_only:
-                    yield con
+                    try:
+                        yield con
+                    except duckdb.Error as exc:
+                        raise self._storage_failure(exc) or exc
                     return
-                _ensure_schema(con)
-                con.execute("BEGIN TRANSACTION")
+                try:
+                    _ensure_schema(con, self.path)
+                    con.execute("BEGIN TRANSACTION")
+                except duckdb.Error as exc:
+                    raise self._storage_failure(exc) or exc
                 try:
                     yield con
-                    con.execute("COMMIT")
-                except BaseException:
-                    con.execute("ROLLBACK")
+                except BaseException as exc:
+                    _rollback(con)
+                    if isinstance(exc, duckdb.Error):
+                        raise self._storage_failure(exc) or exc
                     raise
+                try:
+                    con.execute("COMMIT")
+                except duckdb.Error as exc:  # a failed COMMIT has already ended the transaction
+                    raise self._storage_failure(exc) or exc
             finally:
-                con.close()
+                _close(con)
+
+    def _storage_failure(self, exc: duckdb.Error) -> WarehouseError | None:
+        """WarehouseError naming the file and what to do when ``exc`` is a storage failure, else None."""
+        message = _storage_message(self.path, str(exc))
+        if message is None:
+            return None
+        failure = WarehouseError(message)
+        failure.__cause__ = exc
+        return failure
 
     def _open(self, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
         """Open DuckDB, waiting with backoff (until ``deadline``) while another program holds its file lock.
@@ -153,7 +185,9 @@ class WarehouseResource(ConfigurableResource):
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
                 if _DUCKDB_LOCK_ERROR not in str(exc):
-                    raise WarehouseError(f"cannot open the warehouse {self.path}: {exc}") from exc
+                    raise WarehouseError(
+                        _storage_message(self.path, str(exc)) or f"cannot open the warehouse {self.path}: {exc}"
+                    ) from exc
                 holder = _lock_holder(str(exc))
                 now = time.monotonic()
                 if now >= deadline:
@@ -161,8 +195,8 @@ class WarehouseResource(ConfigurableResource):
                         f"the warehouse {self.path} is held open by {holder}, which did not close it within "
                         f"lock_timeout_seconds={self.lock_timeout_seconds:g}: "
                         "close that program (a duckdb shell or notebook with the file open), or read an export or "
-                        "a copy instead (README: Reading the warehouse safely); lock_timeout_seconds sets how "
-                        "long runs wait"
+                        "a copy instead (README: Reading the warehouse safely); lock_timeout_seconds "
+                        "(EMBEDDING_LOCK_TIMEOUT_SECONDS) sets how long runs wait"
                     ) from None
                 if not warned:
                     warned = True
@@ -180,8 +214,14 @@ class WarehouseResource(ConfigurableResource):
                 yield
         except LockTimeout as exc:
             raise WarehouseError(
-                f"{exc}: another run is using the warehouse; retry later or raise lock_timeout_seconds"
+                f"{exc}: another run is using the warehouse; retry later or raise lock_timeout_seconds "
+                "(EMBEDDING_LOCK_TIMEOUT_SECONDS)"
             ) from None
+        except OSError as exc:  # the lock file cannot be created: full disk, read-only or unwritable home
+            raise WarehouseError(
+                f"cannot create the lock file {home / 'warehouse.lock'}: {exc.strerror or exc}: "
+                f"{_remedy_for_os_error(exc, home)}"
+            ) from exc
 
     def query_rows(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
         """Run a read query and return all rows (small results only)."""
@@ -196,6 +236,76 @@ class WarehouseResource(ConfigurableResource):
         with self.connect(read_only=True) as con:
             reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
             yield from reader
+
+
+# Substrings of DuckDB's messages for a file that is not a sound DuckDB database of this release.
+_DAMAGE_SIGNS = (
+    "not a valid DuckDB database", "Could not read enough bytes", "Corrupt", "checksum", "version number",
+    "Serialization Error", "INTERNAL Error", "database has been invalidated", "Is a directory",
+)
+# The file DuckDB failed to write, e.g. 'Could not write file "/home/x/warehouse.duckdb.wal": No space left'
+# (inside a JSON payload for async writes the quotes are escaped).
+_WRITTEN_FILE = re.compile(r'Could not write file \\?"(.+?)\\?"')
+_MOVE_ASIDE = (
+    "move it aside (with its .wal file, if any) and run `embedding-pipeline materialize` to rebuild it from "
+    "the source folders (cached embeddings are reused), or restore a copy; searches keep answering from the "
+    "published index meanwhile"
+)
+
+
+def _storage_message(path: Path, detail: str) -> str | None:
+    """What to tell a person about DuckDB's ``detail`` for the warehouse ``path``, when it is a storage failure.
+
+    Returns None for anything else (a query error is a bug, not a state to repair).
+    """
+    detail = detail.strip()
+    if "No space left on device" in detail or "disk is full" in detail:
+        named = _WRITTEN_FILE.search(detail)
+        written = Path(named.group(1)) if named else path
+        return (
+            f"no space left on device writing {written} (the disk holding {written.parent} is full): free "
+            "space there, or move EMBEDDING_HOME to a larger disk, and run again; the failed write was rolled "
+            f"back and nothing stored was lost ({detail})"
+        )
+    if "Permission denied" in detail:
+        return (
+            f"permission denied on the warehouse {path} or its folder: give the pipeline's user read and write "
+            f"permission on both ({detail})"
+        )
+    if "Read-only file system" in detail:
+        return f"the warehouse {path} is on a read-only file system: remount it read-write or move EMBEDDING_HOME ({detail})"
+    if any(sign in detail for sign in _DAMAGE_SIGNS):
+        what = "is a folder, not a database file" if "Is a directory" in detail else "is damaged or not a DuckDB 2.0 database"
+        return f"the warehouse {path} {what} ({detail}): {_MOVE_ASIDE}"
+    return None
+
+
+def _remedy_for_os_error(exc: OSError, home: Path) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device: free space there or move EMBEDDING_HOME to a larger disk; nothing stored was lost"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"give the pipeline's user write permission on {home}"
+    if exc.errno == errno.EROFS:
+        return "remount it read-write or move EMBEDDING_HOME"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "EMBEDDING_HOME must name a folder: move the file there aside or point EMBEDDING_HOME elsewhere"
+    return "check EMBEDDING_HOME"
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back after a failed unit of work; a transaction DuckDB already ended (failed COMMIT, fatal
+    error) needs none, and that second error must not hide the first."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
+def _close(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.close()
+    except duckdb.Error as exc:  # after a fatal storage error; the error that matters is already raised
+        log.warning("closing the warehouse connection failed: %s", exc)
 
 
 def _lock_holder(message: str) -> str:
@@ -257,16 +367,26 @@ def arrow_to_vectors(column: pa.Array | pa.ChunkedArray, dim: int | None = None)
     return flat.reshape(n, -1)
 
 
-def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+def _ensure_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     if con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
     ).fetchone()[0]:
         row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row and int(row[0]) == SCHEMA_VERSION:
+        if row and row[0] == str(SCHEMA_VERSION):
             return
-        if row and int(row[0]) != SCHEMA_VERSION:
+        found = int(row[0]) if row and str(row[0]).isdigit() else None
+        if found is not None and found in _MIGRATIONS and found < SCHEMA_VERSION:
+            for version in range(found, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[version]:
+                    con.execute(statement)
+            for statement in _SCHEMA:  # tables and indexes added since (all IF NOT EXISTS)
+                con.execute(statement)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+            return
+        if row:
             raise WarehouseError(
-                f"warehouse schema version {row[0]} != {SCHEMA_VERSION}; use a new EMBEDDING_HOME or delete it"
+                f"the warehouse {path} has schema version {row[0]!r}, this release reads {SCHEMA_VERSION}: "
+                f"{_MOVE_ASIDE}; or use another EMBEDDING_HOME"
             )
     for statement in _SCHEMA:
         con.execute(statement)

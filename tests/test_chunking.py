@@ -241,3 +241,13 @@ def test_chunking_fingerprint_changes_with_settings() -> None:
     assert base != chunking_fingerprint(ChunkingSettings(overlap_tokens=0), "tok-abc", 254)
     assert base != chunking_fingerprint(ChunkingSettings(), "tok-xyz", 254)
     assert base != chunking_fingerprint(ChunkingSettings(), "tok-abc", 126)
+
+
+def test_a_word_whose_tokens_share_characters_is_split_by_characters(tokenizer, max_tokens) -> None:
+    """"Xa한" is one word of 5 tokens ('한' becomes 3 jamo tokens of one character): found by hypothesis."""
+    doc = clean_document("Xa한".encode(), ".txt")
+    settings = ChunkingSettings(chunk_tokens=4, overlap_tokens=0, min_chunk_tokens=0)
+    chunks = chunk_document(doc, tokenizer, settings, max_tokens)
+    assert_valid_chunks(chunks, doc, tokenizer, 4)
+    covered = {i for c in chunks for i in range(c.start, c.end)}
+    assert covered == set(range(len(doc.text))) and all(c.token_count <= 4 for c in chunks)

@@ -102,8 +102,8 @@ def test_decode_binary_raises(data: bytes) -> None:
 def test_clean_document_rejects_binary_and_unsupported_suffix() -> None:
     with pytest.raises(CleaningError, match="binary content"):
         clean_document(b"\x00\x01\x02\x03\x04" * 200, ".txt")
-    with pytest.raises(CleaningError, match="unsupported suffix '.pdf'"):
-        clean_document(b"hello", ".pdf")
+    with pytest.raises(CleaningError, match="unsupported suffix '.xyz'"):
+        clean_document(b"hello", ".xyz")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,14 +430,17 @@ def test_warnings_are_carried_into_the_document() -> None:
 
 @pytest.mark.parametrize("suffix", sorted(SUPPORTED_SUFFIXES))
 def test_offsets_invariant_for_every_format(suffix: str) -> None:
+    from tests.test_formats import lab_handbook_docx, shore_guide_pdf
+
     samples = {".md": MARKDOWN, ".markdown": MARKDOWN, ".rst": RST, ".txt": ENGLISH + "\n\n" + GERMAN}
-    data = samples.get(suffix, PAGE.decode()).encode()
+    binary = {".pdf": shore_guide_pdf, ".docx": lab_handbook_docx}
+    data = binary[suffix]() if suffix in binary else samples.get(suffix, PAGE.decode()).encode()
     doc = clean_document(data, suffix)
     assert_offsets_invariant(doc)
     assert clean_document(data, suffix) == doc  # deterministic
 
 
 def test_cleaning_fingerprint_is_stable_and_versioned() -> None:
-    assert cleaning_fingerprint() == cleaning_fingerprint()
-    assert cleaning_fingerprint().startswith("cleaner-")
-    assert CLEANER_VERSION == "1"
+    assert cleaning_fingerprint(".md") == cleaning_fingerprint(".MD") == cleaning_fingerprint(".markdown")
+    assert cleaning_fingerprint(".md").startswith("cleaner-")
+    assert CLEANER_VERSION == "2"

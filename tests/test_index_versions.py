@@ -276,3 +276,55 @@ def test_a_vector_rewritten_under_the_same_id_is_replaced(stores, layout):
     version = iv.IndexVersion.open(published.path, verify="full")
     _, found = version.search(moved, 1)
     assert int(found[0][0]) == vector_id(target)
+
+
+def test_a_small_calibration_sample_is_redone_as_the_corpus_grows_and_the_index_follows(tmp_path):
+    """Ranges from the first few vectors would squeeze every later vector into a few buckets."""
+    from embedding_assets.stages.quantized_embeddings import CALIBRATION_SAMPLE, quantize_source
+    from resources.warehouse import insert_arrow, vectors_to_arrow
+
+    warehouse, store = WarehouseResource(home=str(tmp_path)), IndexStoreResource(home=str(tmp_path))
+    centers = np.random.default_rng(0).standard_normal((40, DIM))
+
+    def embed(start, count):
+        vectors = clustered(count, start, centers)
+        ids = [f"c{start + i}" for i in range(count)]
+        with warehouse.connect() as con:
+            if start == 0:
+                insert_arrow(con, "documents", {"doc_id": ["doc"], "source": ["s"], "relative_path": ["doc.txt"]})
+            insert_arrow(con, "chunks", {"chunk_id": ids, "vector_id": [vector_id(c) for c in ids], "doc_id": ["doc"] * count,
+                                         "source": ["s"] * count, "text": ids, "token_count": [3] * count})
+            insert_arrow(con, "chunk_dedup", {"chunk_id": ids, "source": ["s"] * count, "status": ["canonical"] * count})
+            insert_arrow(con, "embeddings", {"chunk_id": ids, "vector_id": [vector_id(c) for c in ids], "source": ["s"] * count,
+                                             "text_sha256": ids, "model_fingerprint": [FP] * count, "vector": vectors_to_arrow(vectors)})
+
+    embed(0, 5)
+    first = quantize_source(warehouse, "s", model_fingerprint=FP)
+    assert first.calibrated_now and first.calibration_sample_size == 5
+    ranges = warehouse.query_rows("SELECT ranges FROM quantization_ranges")[0][0]
+    spans = np.frombuffer(bytes(ranges), dtype="<f4").reshape(2, DIM)
+    assert np.all(spans[1] - spans[0] >= 2 * 3 / np.sqrt(DIM) - 1e-6)  # never narrower than the floor
+    build((warehouse, store))
+    embed(100, 40)  # 45 >= 4 x 5: calibrated again, every code made again
+    again = quantize_source(warehouse, "s", model_fingerprint=FP)
+    assert again.calibrated_now and again.calibration_sample_size == 45 and again.quantized == 45
+    report, _ = build((warehouse, store))
+    assert report.mode == "full" and "calibration ranges changed" in report.retrain_reason
+    embed(1000, 20)  # 65 < 4 x 45: the ranges stay
+    assert not quantize_source(warehouse, "s", model_fingerprint=FP).calibrated_now
+    assert CALIBRATION_SAMPLE == 10_000
+
+
+def test_a_schema_1_warehouse_is_migrated_in_place(tmp_path):
+    warehouse = WarehouseResource(home=str(tmp_path))
+    with warehouse.connect() as con:  # make it look like a warehouse written before `chunks.page` existed
+        con.execute("INSERT INTO chunks (chunk_id, text) VALUES ('old', 'kept')")
+        con.execute("DROP INDEX chunks_doc")
+        con.execute("DROP INDEX chunks_source")
+        con.execute("ALTER TABLE chunks DROP COLUMN page")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with warehouse.connect() as con:
+        assert con.execute("SELECT chunk_id, text, page FROM chunks").fetchall() == [("old", "kept", None)]
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("2",)]
+        indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'chunks'").fetchall()}
+        assert {"chunks_doc", "chunks_source"} <= indexes

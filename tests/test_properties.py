@@ -94,7 +94,14 @@ def test_chunker_respects_the_token_limit_and_offsets(data, suffix, chunking):
 def test_giant_single_word_is_split_within_the_limit(suffix):
     # One 60,000-character "word" without spaces that tokenizes into ~40,000 tokens (a word over
     # 100 characters without punctuation is a single [UNK] token for this tokenizer).
-    doc = clean_document(("ab-" * 20_000 + " tail words here").encode(), suffix)
+    text = "ab-" * 20_000 + " tail words here"
+    if suffix in (".pdf", ".docx"):  # binary formats: the same text inside a real file of that format
+        from tests.test_formats import make_docx_text, make_pdf
+
+        data = make_pdf([[text]]) if suffix == ".pdf" else make_docx_text([text])
+    else:
+        data = text.encode()
+    doc = clean_document(data, suffix)
     chunks = chunk_document(doc, _TOKENIZER, ChunkingSettings(), _MAX_TOKENS)
     assert len(chunks) > 1
     assert all(c.token_count <= 240 and doc.text[c.start : c.end] == c.text for c in chunks)

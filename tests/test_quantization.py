@@ -136,3 +136,20 @@ def test_ranges_round_trip_through_bytes(corpus):
         ranges_from_bytes(blob, 32)
     with pytest.raises(QuantizationError, match="3 bytes"):
         ranges_from_bytes(b"abc")
+
+
+def test_codes_equal_sentence_transformers_own_quantizer():
+    """Our numpy quantizer (no torch import) gives exactly sentence-transformers' codes."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    from embedding_assets.core.quantization import calibration_ranges, quantize_binary, quantize_int8
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ranges = calibration_ranges(x[:100])  # later rows fall outside: clipping is exercised too
+    clipped = np.clip(x, ranges[0], ranges[1])
+    assert np.array_equal(quantize_int8(x, ranges), quantize_embeddings(clipped, precision="int8", ranges=ranges))
+    assert np.array_equal(quantize_binary(x), quantize_embeddings(x, precision="ubinary"))
+    constant = np.stack([ranges[0], ranges[0]]).astype(np.float32)  # zero-width ranges
+    assert np.array_equal(quantize_int8(x, constant), quantize_embeddings(np.clip(x, constant[0], constant[1]), precision="int8", ranges=constant))

@@ -168,6 +168,39 @@ def test_search_filters_by_source(service):
     assert body["hits"] and all(hit["source"] == "beta" for hit in body["hits"])
 
 
+@pytest.mark.parametrize("mode", ["vector", "lexical", "hybrid"])
+def test_search_modes_and_chunks_answer_as_the_cli_search_does(service, pipeline, mode):
+    from embedding_assets.search import search
+
+    query = "how often should a sourdough starter be fed"
+    for chunks in (False, True):
+        body = service.post("/search", {"q": query, "k": 4, "mode": mode, "chunks": chunks}).json()
+        assert body["mode"] == mode and body["chunks"] is chunks
+        local = search(query, 4, model=pipeline.resources["model"], index_store=pipeline.resources["index_store"],
+                       mode=mode, per_document=not chunks)
+        assert [h["chunk_id"] for h in body["hits"]] == [h.chunk_id for h in local]
+        assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in local], abs=1e-5)
+        documents = [(h["source"], h["doc_path"]) for h in body["hits"]]
+        if not chunks:
+            assert len(documents) == len(set(documents))  # best chunk per document
+    page = service.get(f"/?q=sourdough+starter&mode={mode}").body.decode()
+    assert f'<option value="{mode}" selected>' in page and 'class="hit"' in page
+
+
+def test_lexical_search_does_not_embed_the_query(service):
+    before = service.metric("embedding_service_batch_requests_count")
+    answer = service.get("/search?q=sourdough+starter+feeding&k=3&mode=lexical")
+    assert answer.status == 200 and answer.json()["hits"]
+    assert service.metric("embedding_service_batch_requests_count") == before
+
+
+@pytest.mark.parametrize("query", ["?q=tides&mode=semantic", "?q=tides&chunks=maybe"])
+def test_bad_mode_or_chunks_is_422_naming_the_parameter(service, query):
+    answer = service.get("/search" + query)
+    assert answer.status == 422, answer.body
+    assert answer.json()["error"]["param"] in ("mode", "chunks")
+
+
 @pytest.mark.parametrize("query", ["?k=3", "?q=%20%20&k=3", "?q=tides&k=0", "?q=tides&k=21", "?q=tides&k=abc",
                                    "?q=tides&k=2.5"])
 def test_bad_search_parameters_are_422(service, query):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_assets.core.ivf import read_index
+from tests.pipeline_support import index_count
 from embedding_assets.core.sources import metadata_lines
 from embedding_assets.stages.raw_documents import ingest_source
 from resources import IndexStoreResource, WarehouseResource
@@ -80,11 +80,10 @@ def _stored(warehouse: WarehouseResource, source: str) -> dict[str, str]:
 
 
 def _indexed_paths(warehouse: WarehouseResource, store: IndexStoreResource) -> set[str]:
-    index = read_index(store.current().index_file)
     rows = warehouse.query_rows(
         """SELECT DISTINCT d.relative_path FROM embeddings e JOIN chunks k USING (chunk_id) JOIN documents d USING (doc_id)"""
     )
-    assert index.ntotal == warehouse.query_rows("SELECT count(*) FROM embeddings")[0][0]
+    assert index_count(store.current()) == warehouse.query_rows("SELECT count(*) FROM embeddings")[0][0]
     return {p for (p,) in rows}
 
 

@@ -322,6 +322,19 @@ def _split_span(text: str, span_start: int, span_end: int, tokenizer: Any, limit
     return [_trim(text, section.starts[s], section.ends[e - 1]) for s, e in ranges]
 
 
+def _split_or_halve(text: str, start: int, end: int, tokenizer: Any, limit: int) -> list[tuple[int, int]]:
+    """:func:`_split_span`, or, when its token cuts cannot shorten the span (one word whose tokens share
+    characters, e.g. a Hangul syllable split into jamo), the span cut at its middle character: every
+    round makes the pieces strictly shorter, so splitting ends at single characters."""
+    pieces = _split_span(text, start, end, tokenizer, limit)
+    if len(pieces) > 1 and all(e - s < end - start for s, e in pieces):
+        return pieces
+    if end - start < 2:
+        return [(start, end)]  # one character over the limit: _enforce_limit gives up with a clear error
+    middle = (start + end) // 2
+    return [piece for piece in (_trim(text, start, middle), _trim(text, middle, end)) if piece[1] > piece[0]]
+
+
 def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
     if not texts:
         return []
@@ -357,7 +370,7 @@ def _enforce_limit(
         pending = [
             (start, end, path)
             for span_start, span_end, path in over
-            for start, end in _split_span(text, span_start, span_end, tokenizer, limit)
+            for start, end in _split_or_halve(text, span_start, span_end, tokenizer, limit)
         ]
     raise ChunkingError(f"could not split text into chunks of at most {limit} tokens")
 

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 from embedding_assets.core.identity import fingerprint, normalize_text
 
@@ -79,6 +78,8 @@ def minhash_signatures(texts: Sequence[str], settings: MinHashSettings) -> np.nd
     if not texts:
         return np.zeros((0, settings.num_perm), dtype=_SIGNATURE_DTYPE)
     shingle_sets = (shingles(text, settings.shingle_words) for text in texts)
+    from datasketch import MinHash  # imported here: datasketch pulls in scipy (~1.5 s), needed only to dedup
+
     minhashes = MinHash.generator(
         shingle_sets, num_perm=settings.num_perm, seed=settings.seed, scheme=settings.scheme
     )
@@ -93,6 +94,8 @@ def lsh_bands(settings: MinHashSettings) -> tuple[int, int]:
     Raises ValueError for a threshold outside [0, 1] or fewer than 2 bands.
     """
     try:
+        from datasketch import MinHashLSH
+
         lsh = MinHashLSH(threshold=settings.threshold, num_perm=settings.num_perm)
     except ValueError as error:
         raise ValueError(

@@ -13,7 +13,10 @@ A version folder holds::
     code_hashes.npy uint64 (n,): a hash of each row's int8 and binary codes, so the next build sees a vector
                     rewritten under the same id (a repaired embedding) and replaces it
     chunks.arrow    Arrow IPC file, rows in ids order: vector_id, chunk_id, source, doc_path,
-                    heading_path (JSON list), title, text (memory-mapped; only hit rows are touched)
+                    heading_path (JSON list), title, text, page (PDF; else null) (memory-mapped; only hit rows
+                    are touched)
+    bm25/           optional lexical index (bm25s, Lucene BM25) over title + heading path + text of each
+                    row, document numbers = rows; searched by ``lexical_search`` and fused by the caller
 
 The two layouts (``LAYOUTS``):
 
@@ -34,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +55,9 @@ CODE_HASHES_FILE = "code_hashes.npy"
 INT8_FILE = "int8.npy"
 CHUNKS_FILE = "chunks.arrow"
 MANIFEST_FILE = "manifest.json"
+LEXICAL_DIR = "bm25"
+# bm25s stopwords: English, as the default model is English-only.
+LEXICAL_STOPWORDS = "en"
 # Version of the folder format; a reader refuses versions it does not know.
 FORMAT = 2
 # int8 codes span 256 buckets per dimension from ranges[0] to ranges[1]: see core.quantization.
@@ -64,6 +71,7 @@ CHUNK_SCHEMA = pa.schema([
     ("heading_path", pa.string()),
     ("title", pa.string()),
     ("text", pa.string()),
+    ("page", pa.int32()),
 ])
 
 
@@ -215,6 +223,38 @@ def read_index(path: Path, layout: str):
     return faiss.read_index_binary(str(path)) if layout == "binary" else faiss.read_index(str(path))
 
 
+def lexical_text(title: str | None, heading_path_json: str | None, text: str) -> str:
+    """What the lexical index reads of a row: its document title, heading path and text."""
+    headings = " ".join(json.loads(heading_path_json or "[]"))
+    return " ".join(part for part in (title or "", headings, text) if part)
+
+
+def build_lexical(folder: Path, texts_batches) -> int:
+    """Write a BM25 index of the rows' texts (batches of strings in row order) into ``folder/bm25``.
+
+    Returns the vocabulary size. Tokens are lower-cased words of 2+ characters, English stopwords removed.
+    """
+    import bm25s
+    from bm25s.tokenization import Tokenizer
+
+    tokenizer = Tokenizer(stopwords=LEXICAL_STOPWORDS)
+    ids: list[list[int]] = []
+    for texts in texts_batches:
+        ids.extend(tokenizer.tokenize(list(texts), return_as="ids", update_vocab=True, show_progress=False))
+    retriever = bm25s.BM25()
+    retriever.index(ids, show_progress=False)
+    target = folder / LEXICAL_DIR
+    target.mkdir()
+    retriever.save(str(target), show_progress=False)
+    tokenizer.save_vocab(str(target))
+    return len(tokenizer.get_vocab_dict())
+
+
+def version_files(folder: Path) -> list[Path]:
+    """Every file of a version folder (the lexical index's included), manifest excluded, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
 def file_digest(path: Path) -> dict[str, Any]:
     """Size and sha256 of a file, as recorded in the manifest."""
     digest = hashlib.sha256()
@@ -252,7 +292,41 @@ class IndexVersion:
         self.chunks = chunks
         self.nprobe = int(manifest.get("nprobe") or 0)
         self.rescore_multiplier = int(manifest.get("rescore_multiplier") or 1)
+        self._lexical = None
+        self._lexical_lock = threading.Lock()
         self._apply_nprobe()
+
+    @property
+    def has_lexical(self) -> bool:
+        return bool(self.manifest.get("lexical")) and (self.path / LEXICAL_DIR).is_dir()
+
+    def lexical_search(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 top-k ``(scores (k',), rows (k',))`` for a query text, best first (k' <= k: rows that share
+        no word with the query are left out). Raises IndexVersionError when the version has no lexical index."""
+        if not self.has_lexical:
+            raise IndexVersionError(f"index version {self.path} has no lexical index (built with EMBEDDING_LEXICAL_INDEX=0)")
+        retriever, tokenizer = self._load_lexical()
+        ids = tokenizer.tokenize([query], return_as="ids", update_vocab=False, show_progress=False)
+        if not ids or not ids[0]:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        k = max(1, min(int(k), self.count))
+        rows, scores = retriever.retrieve(ids, k=k, show_progress=False, n_threads=1)
+        rows, scores = np.asarray(rows[0], dtype=np.int64), np.asarray(scores[0], dtype=np.float32)
+        keep = scores > 0
+        return scores[keep], rows[keep]
+
+    def _load_lexical(self):
+        with self._lexical_lock:
+            if self._lexical is None:
+                import bm25s
+                from bm25s.tokenization import Tokenizer
+
+                folder = str(self.path / LEXICAL_DIR)
+                retriever = bm25s.BM25.load(folder, mmap=True, show_progress=False)
+                tokenizer = Tokenizer(stopwords=LEXICAL_STOPWORDS)
+                tokenizer.load_vocab(folder)
+                self._lexical = (retriever, tokenizer)
+            return self._lexical
 
     @property
     def version(self) -> str:
@@ -273,8 +347,10 @@ class IndexVersion:
             if manifest.get("format") != FORMAT:
                 raise IndexVersionError(f"index version {path} has format {manifest.get('format')}, this reader knows {FORMAT}")
             layout = manifest["layout"]
-            for name in files_of(layout):
-                recorded = manifest["files"][name]
+            missing = [name for name in files_of(layout) if name not in manifest["files"]]
+            if missing:
+                raise IndexVersionError(f"index version {path}: the manifest does not list {', '.join(missing)}")
+            for name, recorded in manifest["files"].items():
                 file = path / name
                 if not file.is_file():
                     raise IndexVersionError(f"index version {path} is missing {name}")

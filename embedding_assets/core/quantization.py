@@ -1,7 +1,9 @@
 """Scalar (int8) and binary quantization of embeddings (stage ``quantized_embeddings``).
 
-Wraps ``sentence_transformers.util.quantization.quantize_embeddings``. The one rule this
-module enforces: int8 ranges are calibrated ONCE from a corpus sample and then reused for
+The same codes as ``sentence_transformers.util.quantization.quantize_embeddings`` (``int8``: per
+dimension ``floor((x - min) / step)`` clipped to [0, 255], minus 128, ``step = (max - min) / 255``;
+``ubinary``: sign bits packed 8 per byte), written in numpy so that importing this module does not
+import torch (a test keeps the two equal). The one rule this module enforces: int8 ranges are calibrated ONCE from a corpus sample and then reused for
 every batch. Calibrating per call gives every batch different buckets, so codes of different
 batches are not comparable (sentence-transformers #2865), and a single vector cannot be
 calibrated at all (#2837). Ranges are stored next to the codes (``ranges_to_bytes``).
@@ -10,7 +12,6 @@ calibrated at all (#2837). Ranges are stored next to the codes (``ranges_to_byte
 from __future__ import annotations
 
 import numpy as np
-from sentence_transformers.util.quantization import quantize_embeddings
 
 _RANGES_DTYPE = np.dtype("<f4")
 # int8 codes span 256 buckets per dimension, from ranges[0] to ranges[1].
@@ -41,16 +42,20 @@ def _check_ranges(ranges: np.ndarray, dim: int) -> np.ndarray:
     return ranges
 
 
-def calibration_ranges(sample: np.ndarray) -> np.ndarray:
+def calibration_ranges(sample: np.ndarray, *, min_half_width: float = 0.0) -> np.ndarray:
     """Per-dimension [min; max] of a float sample (n, dim), n >= 1: array (2, dim) float32.
 
+    ``min_half_width`` widens any dimension whose range is narrower than ``2 * min_half_width``
+    symmetrically around its centre, so a small sample does not squeeze later vectors into a few buckets.
     Compute once from a representative corpus sample and reuse for every batch.
     Raises QuantizationError on an empty, non-2-D, non-float or non-finite sample.
     """
     sample = _float_matrix(sample, "calibration sample")
     if sample.shape[0] == 0:
         raise QuantizationError("calibration sample is empty: need at least one embedding")
-    return np.stack([sample.min(axis=0), sample.max(axis=0)]).astype(np.float32)
+    low, high = sample.min(axis=0), sample.max(axis=0)
+    centre, half = (low + high) / 2, np.maximum((high - low) / 2, min_half_width)
+    return np.stack([centre - half, centre + half]).astype(np.float32) if min_half_width > 0 else np.stack([low, high]).astype(np.float32)
 
 
 def quantize_int8(embeddings: np.ndarray, ranges: np.ndarray) -> np.ndarray:
@@ -64,7 +69,10 @@ def quantize_int8(embeddings: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     ranges = _check_ranges(ranges, embeddings.shape[1])
     # Clip first so the result never depends on the library's out-of-range handling.
     clipped = np.clip(embeddings, ranges[0], ranges[1])
-    return np.asarray(quantize_embeddings(clipped, precision="int8", ranges=ranges), dtype=np.int8)
+    steps = (ranges[1] - ranges[0]) / _INT8_BUCKETS
+    steps = np.where(steps == 0, 1, steps)
+    buckets = np.clip(np.floor((clipped - ranges[0]) / steps), 0, _INT8_BUCKETS)
+    return (buckets - 128).astype(np.int8)
 
 
 def quantize_binary(embeddings: np.ndarray) -> np.ndarray:
@@ -75,7 +83,7 @@ def quantize_binary(embeddings: np.ndarray) -> np.ndarray:
     Raises QuantizationError on non-2-D or non-finite input.
     """
     embeddings = _float_matrix(embeddings, "embeddings")
-    return np.asarray(quantize_embeddings(embeddings, precision="ubinary"), dtype=np.uint8)
+    return np.packbits(embeddings > 0, axis=-1)
 
 
 def bytes_per_vector(dim: int) -> dict[str, int]:

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedding_assets.core.cleaning import SUPPORTED_SUFFIXES
+from embedding_assets.core.formats import SUPPORTED_SUFFIXES
 
 log = logging.getLogger("embedding_pipeline.sources")
 

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from embedding_assets.search import DEFAULT_MODE, MODES
 from embedding_assets.service.config import ServiceSettings
 
 # Fields of OpenAI's embeddings request this service understands; anything else is a clear 400.
 EMBEDDING_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 ENCODING_FORMATS = ("float", "base64")
-SEARCH_FIELDS = ("q", "query", "k", "source")
+SEARCH_FIELDS = ("q", "query", "k", "source", "mode", "chunks")
 DEFAULT_K = 5
 
 
@@ -134,13 +135,16 @@ class SearchRequest:
     query: str
     k: int
     source: str | None
+    mode: str = DEFAULT_MODE
+    per_document: bool = True
 
 
 def parse_search(params: dict[str, Any], settings: ServiceSettings) -> SearchRequest:
-    """``q`` (or ``query``), ``k`` (1..max_k, default 5) and ``source`` from query parameters or a JSON body."""
+    """``q`` (or ``query``), ``k`` (1..max_k, default 5), ``source``, ``mode`` (vector, lexical, hybrid) and
+    ``chunks`` (true: every matching chunk, not the best chunk per document) from query parameters or a JSON body."""
     unknown = sorted(set(params) - set(SEARCH_FIELDS))
     if unknown:
-        raise ApiError(400, f"unsupported field(s) {', '.join(unknown)}; search takes q, k and source",
+        raise ApiError(400, f"unsupported field(s) {', '.join(unknown)}; search takes q, k, source, mode and chunks",
                        param=unknown[0], code="unsupported_parameter")
     query = params.get("q", params.get("query"))
     if not isinstance(query, str) or not query.strip():
@@ -159,7 +163,17 @@ def parse_search(params: dict[str, Any], settings: ServiceSettings) -> SearchReq
     source = params.get("source") or None
     if source is not None and not isinstance(source, str):
         raise invalid_value("'source' must be a string", "source")
-    return SearchRequest(query=query, k=k, source=source)
+    mode = params.get("mode") or DEFAULT_MODE
+    if mode not in MODES:
+        raise invalid_value(f"'mode' must be one of {', '.join(MODES)}, got {str(mode)[:20]!r}", "mode")
+    chunks = params.get("chunks", False)
+    if isinstance(chunks, str):
+        if chunks.lower() not in ("true", "false", "1", "0", ""):
+            raise invalid_value(f"'chunks' must be true or false, got {chunks[:20]!r}", "chunks")
+        chunks = chunks.lower() in ("true", "1")
+    if not isinstance(chunks, bool):
+        raise invalid_value("'chunks' must be true or false", "chunks")
+    return SearchRequest(query=query, k=k, source=source, mode=mode, per_document=not chunks)
 
 
 def hit_json(hit) -> dict[str, Any]:

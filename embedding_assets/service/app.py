@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding_assets.core.index_version import IndexVersion
-from embedding_assets.search import open_for_model, search_vector
+from embedding_assets.search import DEFAULT_MODE, MODES, SearchError, open_for_model, search_version
 from embedding_assets.service import api
 from embedding_assets.service.api import ApiError
 from embedding_assets.service.batching import EmbeddingBatcher, EmbeddingFailed
@@ -152,9 +152,15 @@ def create_app(*, model: EmbeddingModelResource, cache: EmbeddingCacheResource, 
         if version is None:
             raise ApiError(503, state.index_problem or "no index published", type="service_unavailable",
                            code="no_index")
-        embedded = await embed([request.query])
-        hits = await run_in_threadpool(search_vector, version, embedded.vectors[0], request.k, source=request.source)
-        return {"query": request.query, "k": request.k, "source": request.source, "index_version": version.version,
+        vector = None if request.mode == "lexical" else (await embed([request.query])).vectors[0]
+        try:
+            hits = await run_in_threadpool(search_version, version, request.query, vector, request.k,
+                                           mode=request.mode, source=request.source,
+                                           per_document=request.per_document)
+        except SearchError as exc:  # e.g. a lexical mode on a version built without the lexical index
+            raise api.invalid_value(str(exc), "mode") from None
+        return {"query": request.query, "k": request.k, "source": request.source, "mode": request.mode,
+                "chunks": not request.per_document, "index_version": version.version,
                 "hits": [api.hit_json(hit) for hit in hits]}
 
     @app.post("/v1/embeddings")
@@ -192,16 +198,17 @@ def create_app(*, model: EmbeddingModelResource, cache: EmbeddingCacheResource, 
             k = min(max(int(params.get("k", api.DEFAULT_K)), 1), state.settings.max_k)
         except ValueError:
             k = api.DEFAULT_K
+        mode = params.get("mode") if params.get("mode") in MODES else DEFAULT_MODE
         served = state.version.version if state.version else None
         if not query.strip():
-            return HTMLResponse(render_page(k=k, index_version=served), headers=PAGE_HEADERS)
+            return HTMLResponse(render_page(k=k, mode=mode, index_version=served), headers=PAGE_HEADERS)
         try:
-            result = await run_search(api.parse_search({"q": query, "k": k}, state.settings))
+            result = await run_search(api.parse_search({"q": query, "k": k, "mode": mode}, state.settings))
         except ApiError as exc:
-            return HTMLResponse(render_page(query=query, k=k, error=exc.message, index_version=served, searched=True),
-                                status_code=exc.status, headers=PAGE_HEADERS)
-        return HTMLResponse(render_page(query=query, k=k, hits=result["hits"], index_version=result["index_version"],
-                                        searched=True), headers=PAGE_HEADERS)
+            return HTMLResponse(render_page(query=query, k=k, mode=mode, error=exc.message, index_version=served,
+                                            searched=True), status_code=exc.status, headers=PAGE_HEADERS)
+        return HTMLResponse(render_page(query=query, k=k, mode=mode, hits=result["hits"],
+                                        index_version=result["index_version"], searched=True), headers=PAGE_HEADERS)
 
     @app.get("/health")
     async def health():

@@ -39,12 +39,17 @@ def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
     return cut + " …"
 
 
+_SCORE_TITLES = {"vector": "cosine similarity", "lexical": "BM25 score", "hybrid": "reciprocal-rank fusion score"}
+
+
 def render_page(*, query: str = "", k: int = 5, hits: Sequence[dict] = (), error: str | None = None,
-                index_version: str | None = None, searched: bool = False, k_choices: Sequence[int] = (5, 10, 20)) -> str:
+                index_version: str | None = None, searched: bool = False, k_choices: Sequence[int] = (5, 10, 20),
+                mode: str = "vector", modes: Sequence[str] = ("vector", "lexical", "hybrid")) -> str:
     """The whole page: the form (keeping the query), then the hits or an error."""
     e = html.escape
     options = "".join(f'<option value="{n}"{" selected" if n == k else ""}>{n} hits</option>'
                       for n in sorted({*k_choices, k}))
+    mode_options = "".join(f'<option value="{e(m)}"{" selected" if m == mode else ""}>{e(m)}</option>' for m in modes)
     parts = [
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">",
@@ -52,7 +57,8 @@ def render_page(*, query: str = "", k: int = 5, hits: Sequence[dict] = (), error
         "<h1>Search the index</h1>",
         '<form method="get" action="/" role="search">',
         f'<input type="search" name="q" value="{e(query)}" placeholder="Ask a question…" aria-label="Query" autofocus>',
-        f'<select name="k" aria-label="Hits">{options}</select><button type="submit">Search</button></form>',
+        f'<select name="k" aria-label="Hits">{options}</select>'
+        f'<select name="mode" aria-label="Mode">{mode_options}</select><button type="submit">Search</button></form>',
     ]
     if index_version:
         parts.append(f'<p class="meta">index version {e(index_version)}</p>')
@@ -61,11 +67,12 @@ def render_page(*, query: str = "", k: int = 5, hits: Sequence[dict] = (), error
     elif searched:
         parts.append(f'<p class="meta">{len(hits)} hit{"" if len(hits) == 1 else "s"} for “{e(query)}”</p>')
         parts.append('<ol class="hits">')
+        score_title = e(_SCORE_TITLES.get(mode, "score"))
         for hit in hits:
             heading = " › ".join(hit.get("heading_path") or []) or (hit.get("title") or "")
             page = f" · page {e(str(hit['page']))}" if hit.get("page") is not None else ""
             parts.append(
-                f'<li class="hit"><span class="score" title="cosine similarity">{hit["score"]:.3f}</span>'
+                f'<li class="hit"><span class="score" title="{score_title}">{hit["score"]:.3f}</span>'
                 f'<div class="path">{e(hit["source"])}/{e(hit["doc_path"])}{page}</div>'
                 f'<div class="heading">{e(heading)}</div><p class="snippet">{e(snippet(hit["text"]))}</p></li>'
             )

@@ -7,6 +7,7 @@ paragraph keeps the ids of every chunk whose text did not change.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ def chunk_source(
                 failed.append((doc_id, rel_path, str(exc), content_sha))
                 continue
             seen: dict[str, int] = {}
+            block_ends = [b.end for b in doc.blocks]
             for chunk in chunks:
                 th = text_sha256(chunk.text)
                 occurrence = seen.get(th, 0)
@@ -127,6 +129,7 @@ def chunk_source(
                     ("end_char", chunk.end),
                     ("heading_path", json.dumps(list(chunk.heading_path))),
                     ("token_count", chunk.token_count),
+                    ("page", _first_page(doc.blocks, block_ends, chunk.start)),
                 ):
                     rows[name].append(value)
                 report.tokens += chunk.token_count
@@ -167,8 +170,14 @@ def chunk_source(
 
 _CHUNK_COLUMNS = (
     "chunk_id", "vector_id", "doc_id", "source", "ordinal", "text", "text_sha256",
-    "start_char", "end_char", "heading_path", "token_count",
+    "start_char", "end_char", "heading_path", "token_count", "page",
 )
+
+
+def _first_page(blocks: tuple[Block, ...], block_ends: list[int], start: int) -> int | None:
+    """Page of the block a chunk starts in (PDF), None for formats without pages."""
+    index = bisect.bisect_right(block_ends, start)
+    return blocks[index].page if index < len(blocks) else None
 
 
 def _block(data: dict) -> Block:

@@ -1,21 +1,38 @@
 """Stage 2, ``cleaned_documents``: text and structure extracted from each changed document.
 
-A document is cleaned again only when its content hash or the cleaner's fingerprint changed.
-A document that yields no text goes to the ``quarantine`` table with the reason; the run goes on.
+A document is cleaned again only when its content hash or its format's cleaning fingerprint changed
+(``core.cleaning.cleaning_fingerprint(suffix)``: a change to one format re-cleans only that format).
+A document that yields no text, or whose cleaning takes longer than the per-document time budget
+(``EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT``), goes to the ``quarantine`` table with the reason; the
+run goes on.
+
+The budget is enforced by cleaning in a worker process that is killed when a document overruns it:
+a parser stuck inside C code (a regular expression, lxml, lexbor) cannot be interrupted from Python
+in the same process. The worker is started once per process and reused; a budget of 0 cleans in
+this process without a limit.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
-from embedding_assets.core.cleaning import CleaningError, clean_document, cleaning_fingerprint
+from embedding_assets.core.cleaning import CleanedDocument, CleaningError, clean_document, cleaning_fingerprints
 from embedding_assets.core.identity import sha256_hex
 from embedding_assets.stages import ProgressFn, no_progress
 from resources.warehouse import WarehouseResource, deleted_rows, insert_arrow, replace_quarantine
 
 BATCH_DOCUMENTS = 64
+DEFAULT_SECONDS_PER_DOCUMENT = 30.0
+# Starting a worker imports the parsers and loads the language model: not part of any document's budget.
+_WORKER_START_SECONDS = 120.0
 
 
 @dataclass
@@ -32,24 +49,47 @@ class CleanReport:
     seconds: float = 0.0
 
 
-def clean_source(warehouse: WarehouseResource, source: str, *, progress: ProgressFn = no_progress) -> CleanReport:
+def seconds_per_document_setting() -> float:
+    """``EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT`` (default 30; 0 = no budget, clean in-process)."""
+    from embedding_assets.settings import SettingError, env_float
+
+    value = env_float("EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT", DEFAULT_SECONDS_PER_DOCUMENT)
+    if value < 0:
+        raise SettingError(f"EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT={value} must be >= 0 (0 disables the budget)")
+    return value
+
+
+def clean_source(
+    warehouse: WarehouseResource,
+    source: str,
+    *,
+    seconds_per_document: float | None = None,
+    progress: ProgressFn = no_progress,
+) -> CleanReport:
+    """Clean the documents of ``source`` that changed; ``seconds_per_document`` defaults to the setting."""
     started = time.perf_counter()
     report = CleanReport(source=source)
-    fp = cleaning_fingerprint()
+    budget = seconds_per_document_setting() if seconds_per_document is None else seconds_per_document
+    fps = cleaning_fingerprints()
+    suffixes = sorted(fps)
     with warehouse.connect() as con:
         # Rows whose document is gone or changed, under any fingerprint, are stale.
         report.stale_removed = _delete_stale(con, source)
         pending = [
             row[0]
             for row in con.execute(
-                """SELECT d.doc_id FROM documents d
+                """WITH fp AS (SELECT unnest(?::VARCHAR[]) AS suffix, unnest(?::VARCHAR[]) AS fingerprint)
+                   SELECT d.doc_id FROM documents d LEFT JOIN fp ON fp.suffix = d.suffix
                    WHERE d.source = ?
                      AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = d.doc_id
-                                     AND c.content_sha256 = d.content_sha256 AND c.cleaning_fingerprint = ?)
+                                     AND c.content_sha256 = d.content_sha256 AND c.cleaning_fingerprint = fp.fingerprint)
                      AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.doc_id = d.doc_id AND q.stage = 'cleaned_documents'
-                                     AND q.content_sha256 = d.content_sha256)
+                                     AND q.content_sha256 = d.content_sha256
+                                     -- a document over the time budget is tried again once the budget is raised
+                                     AND coalesce(TRY_CAST(regexp_extract(q.reason, '^cleaning took longer than ([0-9.e+-]+) s', 1)
+                                                           AS DOUBLE) >= ?, TRUE))
                    ORDER BY d.relative_path""",
-                [source, fp],
+                [suffixes, [fps[x] for x in suffixes], source, budget if budget > 0 else float("inf")],
             ).fetchall()
         ]
         total = con.execute("SELECT count(*) FROM documents WHERE source = ?", [source]).fetchone()[0]
@@ -66,7 +106,7 @@ def clean_source(warehouse: WarehouseResource, source: str, *, progress: Progres
         bad: list[tuple[str, str, str, str]] = []
         for doc_id, rel, suffix, sha, content in docs:
             try:
-                cleaned = clean_document(bytes(content), suffix)
+                cleaned = _clean(bytes(content), suffix, budget)
             except CleaningError as exc:
                 bad.append((doc_id, rel, str(exc), sha))
                 continue
@@ -79,10 +119,10 @@ def clean_source(warehouse: WarehouseResource, source: str, *, progress: Progres
                     "doc_id": doc_id,
                     "source": source,
                     "content_sha256": sha,
-                    "cleaning_fingerprint": fp,
+                    "cleaning_fingerprint": fps[suffix],
                     "cleaned_sha256": sha256_hex(cleaned.text),
                     "text": cleaned.text,
-                    "blocks": json.dumps([asdict(b) for b in cleaned.blocks]),
+                    "blocks": _blocks_json(cleaned.blocks),
                     "title": cleaned.title,
                     "language": cleaned.language,
                     "warnings": json.dumps(list(cleaned.warnings)),
@@ -110,6 +150,17 @@ def clean_source(warehouse: WarehouseResource, source: str, *, progress: Progres
     return report
 
 
+def _blocks_json(blocks) -> str:
+    """The blocks column: one object per block with the ``Block`` fields (``dataclasses.asdict`` deep-copies
+    every value and was a third of this stage's time)."""
+    return json.dumps(
+        [
+            {"kind": b.kind, "start": b.start, "end": b.end, "level": b.level, "heading_path": b.heading_path, "page": b.page}
+            for b in blocks
+        ]
+    )
+
+
 def _delete_stale(con, source: str) -> int:
     stale = deleted_rows(
         con,
@@ -123,3 +174,85 @@ def _delete_stale(con, source: str) -> int:
         [source],
     )
     return stale
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-document time budget
+# ---------------------------------------------------------------------------------------------
+
+
+def _clean(data: bytes, suffix: str, budget: float) -> CleanedDocument:
+    if budget <= 0:
+        return clean_document(data, suffix)
+    with _WORKER_LOCK:
+        return _WORKER.clean(data, suffix, budget)
+
+
+class _Worker:
+    """One worker process (``core.formats.worker``), started on first use, reused across documents
+    and runs of this process, replaced after it is killed or dies."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self._requests: Connection | None = None
+        self._answers: Connection | None = None
+
+    def _start(self) -> None:
+        # The child imports exactly what this process imports (same interpreter, same sys.path).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "embedding_assets.core.formats.worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        self._process = process
+        self._requests = Connection(os.dup(process.stdin.fileno()))
+        self._answers = Connection(os.dup(process.stdout.fileno()))
+        process.stdin.close()
+        process.stdout.close()
+        if not self._answers.poll(_WORKER_START_SECONDS):
+            self.stop()
+            raise RuntimeError(f"the cleaning worker did not start within {_WORKER_START_SECONDS:g} s")
+        try:
+            self._answers.recv()
+        except EOFError:
+            code = process.wait()
+            self.stop()
+            raise RuntimeError(f"the cleaning worker exited at start (exit code {code}); see its stderr") from None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait(5)
+            self._requests.close()
+            self._answers.close()
+        self._process = self._requests = self._answers = None
+
+    def clean(self, data: bytes, suffix: str, budget: float) -> CleanedDocument:
+        if self._process is None or self._process.poll() is not None:
+            self.stop()
+            self._start()
+        try:
+            self._requests.send((data, suffix))
+            ready = self._answers.poll(budget)
+        except (BrokenPipeError, OSError):
+            ready = True  # the worker died: recv below reports it
+        if not ready:
+            self.stop()  # the only way to stop a parser stuck in C code
+            raise CleaningError(
+                f"cleaning took longer than {budget:g} s; raise EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT to index it"
+            )
+        try:
+            status, value = self._answers.recv()
+        except (EOFError, OSError):
+            code = self._process.wait(5) if self._process is not None else None
+            self.stop()
+            raise CleaningError(f"the {suffix} parser crashed on this document (worker exit code {code})") from None
+        if status == "error":
+            raise CleaningError(value)
+        return value
+
+
+_WORKER = _Worker()
+_WORKER_LOCK = threading.Lock()
+atexit.register(_WORKER.stop)

@@ -221,7 +221,7 @@ class _Batcher:
         sample = sorted(self.rng.sample(shared, audit_sample_size(len(shared), self.audit_rate)))
         if not sample:
             return {}
-        computed = self._encode(rows, sample)
+        computed = self._encode(rows, sample, audit=True)
         wrong = mismatched(np.stack([hits[i].vector for i in sample]), computed, AUDIT_MIN_COSINE)
         self.report.audited += len(sample)
         if wrong.any():
@@ -234,9 +234,12 @@ class _Batcher:
             )
         return dict(zip(sample, computed))
 
-    def _encode(self, rows, which: list[int]) -> np.ndarray:
+    def _encode(self, rows, which: list[int], audit: bool = False) -> np.ndarray:
+        """Vectors of rows ``which`` from the model. Audits are counted in ``audited``, not as chunks embedded:
+        ``embedded_by_model`` stays the count of chunks no cache tier could serve."""
         computed, stats = self.model.encode([rows[i][3] for i in which], [rows[i][5] for i in which])
-        self.report.embedded_by_model += len(which)
+        if not audit:
+            self.report.embedded_by_model += len(which)
         self.report.model_seconds += stats.seconds
         self.tokens += stats.tokens
         self.padded += stats.padded_tokens

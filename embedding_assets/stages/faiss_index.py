@@ -76,6 +76,7 @@ class IndexSettings:
     recall_queries: int = 200
     min_nlist: int = 8
     max_growth: float = 2.0  # retrain when the corpus grows past this multiple of the trained count
+    lexical: bool = True  # a BM25 index of the rows inside the version (hybrid and lexical search)
 
     def __post_init__(self):
         if self.layout not in iv.LAYOUTS:
@@ -88,7 +89,8 @@ class IndexSettings:
     def tuning(self, count: int) -> dict[str, Any]:
         """The settings a published version must share to be kept as is."""
         return {"layout": self.layout, "target_recall": self.target_recall, "recall_k": min(self.recall_k, count),
-                "recall_queries": self.recall_queries, "min_nlist": self.min_nlist, "nprobe_rule": NPROBE_RULE}
+                "recall_queries": self.recall_queries, "min_nlist": self.min_nlist, "nprobe_rule": NPROBE_RULE,
+                "lexical": self.lexical}
 
 
 @dataclass
@@ -142,7 +144,7 @@ def live_digest(con, model_fingerprint: str) -> dict[str, int]:
     equal digests mean a version built now would hold the same vectors and show the same chunks."""
     count, ids, meta, codes = con.execute(
         f"""SELECT count(*), coalesce(bit_xor(q.vector_id), 0),
-                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''))), 0),
+                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''), coalesce(k.page, -1))), 0),
                    coalesce(bit_xor(hash(q.vector_id, q.int8, q.ubinary)), 0) {LIVE_SET}""",
         [model_fingerprint, model_fingerprint],
     ).fetchall()[0]
@@ -172,7 +174,7 @@ def take_snapshot(con, model_fingerprint: str, folder: Path) -> Snapshot:
     path = folder / SNAPSHOT_FILE
     con.sql(
         f"""SELECT q.vector_id, k.chunk_id, k.source, d.relative_path AS doc_path, k.heading_path, c.title, k.text,
-                   k.token_count, q.int8, q.ubinary, e.vector {LIVE_SET} ORDER BY q.vector_id""",
+                   k.page::INTEGER AS page, k.token_count, q.int8, q.ubinary, e.vector {LIVE_SET} ORDER BY q.vector_id""",
         params=[model_fingerprint, model_fingerprint],
     ).write_parquet(str(path), row_group_size=BATCH_ROWS)
     count = pq.ParquetFile(path).metadata.num_rows
@@ -200,6 +202,14 @@ def build_and_publish(
     """
     started = time.perf_counter()
     report = IndexReport(dimension=dimension, layout=settings.layout)
+    # Nothing to do needs no lock and writes nothing (a read-only home can still confirm its index).
+    kept = _unchanged_now(warehouse, index_store, model_fingerprint, dimension, settings)
+    if kept is not None:
+        with warehouse.connect(read_only=True) as con:
+            report.pending = pending_chunks(con, model_fingerprint)
+        _report_kept(report, kept)
+        report.seconds = time.perf_counter() - started
+        return report, kept
     with index_store.build_lock(), ExitStack() as stack:
         current = index_store.current(verify="full")
         work = stack.enter_context(index_store.scratch())
@@ -224,6 +234,15 @@ def build_and_publish(
     report.version_bytes = sum(f["bytes"] for f in published.manifest.get("files", {}).values())
     report.seconds = time.perf_counter() - started
     return report, published
+
+
+def _unchanged_now(warehouse, index_store, fingerprint, dimension, settings) -> PublishedIndex | None:
+    current = index_store.current(verify="full")
+    if current is None:
+        return None
+    with warehouse.connect(read_only=True) as con:
+        digest = live_digest(con, fingerprint)
+    return _unchanged(current, digest, fingerprint, dimension, settings)
 
 
 def current_if_unchanged(
@@ -305,7 +324,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
     position = 0
     with pa.ipc.new_file(str(scratch / iv.CHUNKS_FILE), iv.CHUNK_SCHEMA) as chunk_writer:
         for batch in snapshot.batches(["vector_id", "chunk_id", "source", "doc_path", "heading_path", "title", "text",
-                                       "int8", "ubinary", "vector"]):
+                                       "page", "int8", "ubinary", "vector"]):
             rows = len(batch)
             ids = batch.column("vector_id").to_numpy().astype(np.int64)
             int8_codes = _codes(batch.column("int8"), np.int8, dimension)
@@ -332,6 +351,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
         del int8_out
     np.save(scratch / iv.RANGES_FILE, ranges.astype(np.float32))
     iv.write_index(index, scratch / iv.INDEX_FILE[layout])
+    vocabulary = iv.build_lexical(scratch, _lexical_texts(scratch)) if settings.lexical else 0
 
     # The tuning queries are corpus vectors; each one's own vector would be a free hit and inflate recall
     # (by ~1/k), so it is left out of both lists: recall as an unseen query would see it.
@@ -356,6 +376,8 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
         "build_mode": report.mode,
         "retrain_reason": report.retrain_reason,
         "pending_chunks": snapshot.pending,
+        "lexical": settings.lexical,
+        "lexical_vocabulary": vocabulary,
         **trained,
     }
     version = iv.IndexVersion.open(scratch, {**manifest, "files": _sizes(scratch, layout)})
@@ -371,6 +393,8 @@ def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimensi
     """The current version's index with removed ids taken out, the ids still to add and its training
     facts — or ``(None, None, None)`` when a full build is needed (``report.retrain_reason`` says why)."""
     reason = _full_build_reason(current, fingerprint, dimension, settings)
+    if reason is None and _ranges_changed(current, snapshot.ranges):
+        reason = "the int8 calibration ranges changed (the corpus outgrew its calibration sample)"
     if reason is None:
         try:
             old_ids = np.load(current.path / iv.IDS_FILE)
@@ -435,6 +459,14 @@ def _full_build_reason(current: PublishedIndex | None, fingerprint: str, dimensi
     if (m.get("tuning") or {}).get("min_nlist") != settings.min_nlist or m.get("trained_count") is None:
         return "index settings changed"
     return None
+
+
+def _ranges_changed(current: PublishedIndex, ranges: np.ndarray) -> bool:
+    """The int8 codes were recalibrated since ``current`` was built: its scalar quantizer no longer fits."""
+    try:
+        return not np.array_equal(np.load(current.path / iv.RANGES_FILE), ranges.astype(np.float32))
+    except (OSError, ValueError):
+        return True
 
 
 def _without(found: np.ndarray, own_ids: np.ndarray | None, k: int) -> np.ndarray:
@@ -514,6 +546,15 @@ def _codes_of(snapshot: Snapshot, vector_ids: np.ndarray, dimension: int) -> tup
 
 def _stack(parts: list[np.ndarray], dtype, width: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, width), dtype=dtype)
+
+
+def _lexical_texts(scratch: Path) -> Iterator[list[str]]:
+    """The version's rows as the lexical index reads them, in row order, a batch at a time."""
+    reader = pa.ipc.open_file(pa.memory_map(str(scratch / iv.CHUNKS_FILE), "r"))
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        yield [iv.lexical_text(t, h, x) for t, h, x in zip(batch.column("title").to_pylist(),
+               batch.column("heading_path").to_pylist(), batch.column("text").to_pylist())]
 
 
 def _float_batches(snapshot: Snapshot, dimension: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -1,8 +1,15 @@
 """Stage 6, ``quantized_embeddings``: int8 and binary codes of the float32 vectors.
 
-int8 needs per-dimension ranges. They are computed ONCE per model fingerprint from a corpus sample,
+int8 needs per-dimension ranges. They are computed per model fingerprint from a corpus sample,
 stored in ``quantization_ranges`` and reused for every batch and partition afterwards, so a vector
 gets the same code whichever batch it arrives in (sentence-transformers #2865, #2837).
+
+A sample of a young corpus is small, and min/max over a few vectors would squeeze every later vector
+into a handful of buckets. Two rules keep the codes useful: each dimension's range is at least
+``±3/sqrt(dim)`` around its centre (the spread of a coordinate of a random unit vector), and while the
+sample is below ``CALIBRATION_SAMPLE`` the ranges are computed again once the corpus has grown 4x past
+the sample they came from — then every code of the model is made again from the new ranges (the index
+sees new ranges and is rebuilt in full). Past ``CALIBRATION_SAMPLE`` the ranges never change.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from resources.warehouse import WarehouseResource, arrow_to_vectors, deleted_row
 
 BATCH_VECTORS = 4096
 CALIBRATION_SAMPLE = 10_000
+RECALIBRATE_GROWTH = 4  # recalibrate a small sample once the corpus is this many times larger
 
 
 @dataclass
@@ -104,11 +112,17 @@ def load_ranges(warehouse: WarehouseResource, model_fingerprint: str) -> np.ndar
 
 
 def _ranges(con, model_fingerprint: str) -> tuple[np.ndarray | None, int, bool]:
-    row = con.execute(
+    rows = con.execute(
         "SELECT ranges, dim, sample_size FROM quantization_ranges WHERE model_fingerprint = ?", [model_fingerprint]
-    ).fetchone()
-    if row:
-        return ranges_from_bytes(bytes(row[0]), row[1]), row[2], False
+    ).fetchall()
+    available = con.execute("SELECT count(*) FROM embeddings WHERE model_fingerprint = ?", [model_fingerprint]).fetchall()[0][0]
+    if rows:
+        ranges, sample_size = ranges_from_bytes(bytes(rows[0][0]), rows[0][1]), rows[0][2]
+        if sample_size >= CALIBRATION_SAMPLE or available < RECALIBRATE_GROWTH * max(sample_size, 1):
+            return ranges, sample_size, False
+        # The corpus outgrew the small sample: new ranges, and every code made from the old ones goes.
+        con.execute("DELETE FROM quantization_ranges WHERE model_fingerprint = ?", [model_fingerprint])
+        con.execute("DELETE FROM quantized_embeddings WHERE model_fingerprint = ?", [model_fingerprint])
     # Deterministic sample: the vectors with the smallest ids are a hash-random slice of the corpus.
     table = con.sql(
         "SELECT vector FROM embeddings WHERE model_fingerprint = ? ORDER BY vector_id LIMIT ?",
@@ -117,7 +131,7 @@ def _ranges(con, model_fingerprint: str) -> tuple[np.ndarray | None, int, bool]:
     if table.num_rows == 0:
         return None, 0, False
     sample = arrow_to_vectors(table.column("vector"))
-    ranges = calibration_ranges(sample)
+    ranges = calibration_ranges(sample, min_half_width=3.0 / np.sqrt(sample.shape[1]))
     insert_arrow(
         con,
         "quantization_ranges",

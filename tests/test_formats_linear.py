@@ -1,0 +1,90 @@
+"""Linear time on any input: every format's adversarial inputs, doubled, must take at most ~2x as long.
+
+Each case is timed at size n and 2n (best of three runs, after a warm-up); a quadratic parser shows a
+ratio near 4, a linear one near 2. The bound, 3.0, leaves room for noise on a shared machine. The
+sizes are chosen so the larger input takes a few tens of milliseconds or more.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from embedding_assets.core.cleaning import CleaningError, clean_document
+from tests.test_formats import make_docx_text, make_pdf
+
+MAX_RATIO = 3.0
+
+CASES: dict[str, dict[str, object]] = {
+    ".md": {
+        "emphasis soup": lambda n: "*a **b _c " * n,
+        "open brackets": lambda n: "[a](" * n,
+        "backticks": lambda n: "`a`` " * n,
+        "unclosed fence": lambda n: "```\n" + "code line\n" * n,
+        "deep quotes and lists": lambda n: "> - " * n + "x",
+        "huge table": lambda n: "| a | b | c |\n|---|---|---|\n" + "| x | *y | `z |\n" * n,
+        "long line": lambda n: "word " * (4 * n),
+        "unclosed html": lambda n: "<div>" * n,
+    },
+    ".html": {
+        "unclosed divs": lambda n: "<div>x" * n,
+        "misnested formatting": lambda n: "<b>x<i>y" * n,
+        "unclosed cells": lambda n: "<table>" + "<tr><td>a<td>b" * n,
+        "nested tables": lambda n: "<table><tr><td>" * n,
+        "implied ends": lambda n: "<p>x<li>y<dd>z" * n,
+        "unclosed comments": lambda n: "<!--" * n,
+        "long line": lambda n: "<p>" + "word " * (4 * n),
+    },
+    ".rst": {
+        "emphasis soup (one paragraph)": lambda n: "*a\n" * n,
+        "roles soup": lambda n: ":ref:`a\n" * n,
+        "literal soup": lambda n: "``a " * n,
+        "long line": lambda n: "word " * (4 * n),
+        "many sections": lambda n: "Title\n=====\n\ntext\n\n" * (n // 10),
+        "grid table": lambda n: "+---+---+\n| a | b |\n" * (n // 10) + "+---+---+\n",
+        "deep bullets": lambda n: "- " * n + "x",
+    },
+    ".txt": {
+        "long line": lambda n: "word " * (4 * n),
+        "blank lines": lambda n: "a\n \n\t\n" * n,
+    },
+    ".pdf": {
+        "many lines": lambda n: make_pdf([[f"line {i} of the page" for i in range(n // 20)]]),
+        "many pages": lambda n: make_pdf([["page text"]] * (n // 100)),
+    },
+    ".docx": {
+        "many paragraphs": lambda n: make_docx_text([f"paragraph {i}" for i in range(n // 20)]),
+    },
+}
+SIZES = {".md": 4000, ".html": 8000, ".rst": 2000, ".txt": 20000, ".pdf": 8000, ".docx": 8000}
+
+
+def _seconds(data: bytes, suffix: str) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        try:
+            clean_document(data, suffix)
+        except CleaningError:
+            pass  # refusing an input is an answer too; only its time matters here
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize(
+    ("suffix", "case"), [(suffix, case) for suffix, cases in CASES.items() for case in cases], ids=lambda v: str(v)
+)
+def test_doubling_an_adversarial_input_at_most_doubles_the_time(suffix: str, case: str) -> None:
+    make = CASES[suffix][case]
+    n = SIZES[suffix]
+
+    def data(size: int) -> bytes:
+        value = make(size)
+        return value if isinstance(value, bytes) else value.encode()
+
+    small, large = data(n), data(2 * n)
+    clean_document(b"Warm up the language model and the parsers first.", ".txt")
+    _seconds(small, suffix)
+    ratio = _seconds(large, suffix) / max(_seconds(small, suffix), 1e-3)
+    assert ratio < MAX_RATIO, f"{suffix} {case}: doubling the input multiplied the time by {ratio:.2f}"
