@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Keep torch pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test ui bench bench-quick install system-deps clean
+.PHONY: run test ui serve bench bench-quick install system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+## Serve /search, /v1/embeddings and the search page on http://127.0.0.1:8000 over `make run`'s index.
+serve: $(STAMP)
+	$(BIN)/embedding-pipeline serve
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

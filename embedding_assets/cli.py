@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     rm = sub.add_parser("remove-source", help="delete a removed source's partition, rows and vectors")
     rm.add_argument("name")
     rm.add_argument("--no-index", action="store_true", help="skip rebuilding the index afterwards")
+    serve = sub.add_parser("serve", help="serve /search, /v1/embeddings and a search page over HTTP")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     args = parser.parse_args(argv)
     try:
         if args.command == "materialize":
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return _search(args)
         if args.command == "remove-source":
             return _remove_source(args)
+        if args.command == "serve":
+            return _serve(args)
         return _sources()
     except KeyboardInterrupt:
         return 130
@@ -392,6 +399,25 @@ def _search(args) -> int:
             snippet = " ".join(hit.text.split())[:200]
             page = f" (page {hit.page})" if hit.page else ""
             print(f"{rank}. {hit.score:.3f}  {hit.source}/{hit.doc_path}{page}  {' > '.join(hit.heading_path)}\n   {snippet}")
+    return 0
+
+
+def _serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from embedding_assets.service import create_app_from_env
+    from embedding_assets.settings import SettingError
+
+    try:
+        app = create_app_from_env()
+    except (SettingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One process: one model and one batcher (dynamic batching needs the requests in one place).
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log)
     return 0
 
 

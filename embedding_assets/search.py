@@ -65,20 +65,54 @@ def search(
     Raises IndexStoreError when nothing is published or the index was built with another model, and
     SearchError for k < 1, an unknown mode, or a lexical mode on a version without a lexical index.
     """
+    check_request(k, mode)
+    if mode == "lexical":
+        version = index_store.open_current()
+        return search_version(version, query, None, k, mode=mode, source=source, per_document=per_document)
+    version = open_for_model(index_store, model.model_fingerprint())
+    vectors, _ = model.encode([query])
+    return search_version(version, query, vectors[0], k, mode=mode, source=source, per_document=per_document)
+
+
+def check_request(k: int, mode: str) -> None:
+    """SearchError for k < 1 or an unknown mode (before any work)."""
     if k < 1:
         raise SearchError(f"k must be >= 1, got {k}")
     if mode not in MODES:
         raise SearchError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def open_for_model(index_store: IndexStoreResource, fingerprint: str) -> IndexVersion:
+    """The published version, opened (cached per version), checked to hold vectors of ``fingerprint``.
+
+    A caller that keeps the returned object keeps searching that version even after a newer one is
+    published (the service holds it for one request). Raises IndexStoreError as ``search`` does.
+    """
     version = index_store.open_current()
+    if version.manifest["model_fingerprint"] != fingerprint:
+        raise IndexStoreError(
+            f"index {version.version} was built with model {version.manifest['model_fingerprint']}, "
+            f"but the configured model is {fingerprint}: configure the same model (EMBEDDING_MODEL, "
+            "EMBEDDING_DTYPE, EMBEDDING_MAX_SEQ_LENGTH) or rebuild the index"
+        )
+    return version
+
+
+def search_version(version: IndexVersion, query: str, vector: np.ndarray | None, k: int, *,
+                   mode: str = DEFAULT_MODE, source: str | None = None, per_document: bool = True) -> list[Hit]:
+    """Top-k hits of an opened ``version``: ``vector`` is the query's unit vector (dim,), needed by the
+    vector and hybrid modes (None in lexical mode); ``query`` is the text, needed by lexical and hybrid."""
+    check_request(k, mode)
     if mode != "vector" and not version.has_lexical:
         raise SearchError(f"index {version.version} has no lexical index: search with mode 'vector' or rebuild it")
     wanted = k * (PER_DOCUMENT_OVERFETCH if per_document else 1) * (SOURCE_FILTER_OVERFETCH if source else 1)
     ranked: list[tuple[int, float]] = []  # (row, score), best first
     if mode in ("vector", "hybrid"):
-        _check_model(version, model)
-        vectors, _ = model.encode([query])
+        if vector is None:
+            raise SearchError(f"mode {mode!r} needs the query vector")
         fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
-        scores, ids = version.search(np.ascontiguousarray(vectors, dtype=np.float32), fetch)
+        query_vector = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+        scores, ids = version.search(query_vector, fetch)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         rows = version.rows_of([i for i, _ in found]) if found else []
         ranked = [(int(r), s) for r, (_, s) in zip(rows, found)]
@@ -98,16 +132,6 @@ def reciprocal_rank_fusion(rankings: list[list[tuple[int, float]]], k: int = RRF
         for rank, (item, _) in enumerate(ranking, 1):
             fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
     return sorted(fused.items(), key=lambda pair: (-pair[1], pair[0]))
-
-
-def _check_model(version: IndexVersion, model: EmbeddingModelResource) -> None:
-    fingerprint = model.model_fingerprint()
-    if version.manifest["model_fingerprint"] != fingerprint:
-        raise IndexStoreError(
-            f"index {version.version} was built with model {version.manifest['model_fingerprint']}, "
-            f"but the configured model is {fingerprint}: configure the same model (EMBEDDING_MODEL, "
-            "EMBEDDING_DTYPE, EMBEDDING_MAX_SEQ_LENGTH) or rebuild the index"
-        )
 
 
 def _hits(version: IndexVersion, ranked: list[tuple[int, float]], k: int, *, source: str | None,

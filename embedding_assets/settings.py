@@ -82,15 +82,28 @@ def index_store_resource() -> IndexStoreResource:
     )
 
 
+def cache_resource():
+    """The embedding cache from EMBEDDING_* variables (the pipeline and the service share it, key and tiers)."""
+    from resources.cache import EmbeddingCacheResource
+
+    redis_url = dg.EnvVar("EMBEDDING_REDIS_URL") if os.environ.get("EMBEDDING_REDIS_URL", "").strip() else None
+    cache_secret = dg.EnvVar("EMBEDDING_CACHE_SECRET") if os.environ.get("EMBEDDING_CACHE_SECRET", "").strip() else None
+    return EmbeddingCacheResource(
+        home=str(home_dir()),
+        redis_url=redis_url,
+        lru_entries=env_int("EMBEDDING_LRU_ENTRIES", 50_000),
+        redis_timeout_ms=env_int("EMBEDDING_REDIS_TIMEOUT_MS", 200),
+        secret=cache_secret,
+        audit_rate=env_float("EMBEDDING_CACHE_AUDIT_RATE", 0.01),
+    )
+
+
 def build_resources() -> dict[str, dg.ConfigurableResource]:
     """The resources of the code location, configured from EMBEDDING_* variables."""
-    from resources.cache import EmbeddingCacheResource
     from resources.sources import DocumentSourcesResource
     from resources.warehouse import WarehouseResource
 
     home = str(home_dir())
-    redis_url = dg.EnvVar("EMBEDDING_REDIS_URL") if os.environ.get("EMBEDDING_REDIS_URL", "").strip() else None
-    cache_secret = dg.EnvVar("EMBEDDING_CACHE_SECRET") if os.environ.get("EMBEDDING_CACHE_SECRET", "").strip() else None
     return {
         "sources": DocumentSourcesResource(
             root=str(sources_dir()), max_file_bytes=env_int("EMBEDDING_MAX_FILE_BYTES", 20 * 1024 * 1024)
@@ -100,12 +113,5 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
         ),
         "index_store": index_store_resource(),
         "model": model_resource(),
-        "cache": EmbeddingCacheResource(
-            home=home,
-            redis_url=redis_url,
-            lru_entries=env_int("EMBEDDING_LRU_ENTRIES", 50_000),
-            redis_timeout_ms=env_int("EMBEDDING_REDIS_TIMEOUT_MS", 200),
-            secret=cache_secret,
-            audit_rate=env_float("EMBEDDING_CACHE_AUDIT_RATE", 0.01),
-        ),
+        "cache": cache_resource(),
     }
