@@ -26,10 +26,13 @@ from embedding_assets.checks import (
     warning_checks,
 )
 from embedding_assets.core.chunking import ChunkingSettings, max_chunk_tokens
+from embedding_assets.core.index_version import CHUNK_SCHEMA
+from embedding_assets.core.source_fingerprint import source_fingerprint
+from embedding_assets.core.sources import SourceMissing, source_dir
 from embedding_assets.core.dedup import MinHashSettings
 from embedding_assets.partitions import sources_partitions
 from embedding_assets.progress import for_context
-from embedding_assets.settings import env_bool, env_float, env_int, env_str
+from embedding_assets.settings import Settings, load_settings
 from embedding_assets.stages.chunks import chunk_source
 from embedding_assets.stages.cleaned_documents import clean_source
 from embedding_assets.stages.deduped_chunks import dedup_source
@@ -37,6 +40,7 @@ from embedding_assets.stages.embeddings import embed_source
 from embedding_assets.stages.faiss_index import IndexSettings, build_and_publish
 from embedding_assets.stages.quantized_embeddings import quantize_source
 from embedding_assets.stages.raw_documents import ingest_source
+from embedding_assets.stages.signals import ASSET_TABLES, corpus_totals, partition_data_version, table_columns
 from resources import (
     DocumentSourcesResource,
     EmbeddingCacheResource,
@@ -46,6 +50,8 @@ from resources import (
 )
 
 GROUP = "embedding_pipeline"
+OWNERS = ["team:search-platform"]
+WAREHOUSE_TAGS = {"layer": "warehouse"}
 # Steps that write the warehouse queue on one pool (set a limit for it in dagster.yaml, see README);
 # the warehouse's file lock keeps them correct even without a limit.
 WAREHOUSE_POOL = "embedding_warehouse"
@@ -67,40 +73,77 @@ class RawDocumentsConfig(dg.Config):
     )
 
 
+def _unset_means(field: str, what: str) -> str:
+    """A config field's description: unset (the default) takes the EMBEDDING_* setting, read when the run starts."""
+    return f"{what} Unset: {Settings.env_name(field)} (default {Settings.model_fields[field].default})."
+
+
 class ChunkingConfig(dg.Config):
-    chunk_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_TOKENS", 240), description="Max tokens per chunk.")
-    overlap_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_OVERLAP", 36), description="Overlap where a long section is split.")
-    min_chunk_tokens: int = Field(default=env_int("EMBEDDING_MIN_CHUNK_TOKENS", 48), description="Smaller chunks are merged.")
+    chunk_tokens: int | None = Field(default=None, description=_unset_means("chunk_tokens", "Max tokens per chunk."))
+    overlap_tokens: int | None = Field(default=None, description=_unset_means("chunk_overlap", "Overlap where a long section is split."))
+    min_chunk_tokens: int | None = Field(default=None, description=_unset_means("min_chunk_tokens", "Smaller chunks are merged."))
+
+    def to_settings(self, s: Settings) -> ChunkingSettings:
+        return ChunkingSettings(
+            _given(self.chunk_tokens, s.chunk_tokens), _given(self.overlap_tokens, s.chunk_overlap),
+            _given(self.min_chunk_tokens, s.min_chunk_tokens),
+        )
 
 
 class DedupConfig(dg.Config):
-    threshold: float = Field(default=env_float("EMBEDDING_DEDUP_THRESHOLD", 0.8), description="MinHash Jaccard threshold.")
-    num_perm: int = Field(default=env_int("EMBEDDING_DEDUP_NUM_PERM", 128), description="MinHash permutations.")
-    shingle_words: int = Field(default=env_int("EMBEDDING_DEDUP_SHINGLE_WORDS", 5), description="Words per shingle.")
+    threshold: float | None = Field(default=None, description=_unset_means("dedup_threshold", "MinHash Jaccard threshold."))
+    num_perm: int | None = Field(default=None, description=_unset_means("dedup_num_perm", "MinHash permutations."))
+    shingle_words: int | None = Field(default=None, description=_unset_means("dedup_shingle_words", "Words per shingle."))
+
+    def to_settings(self, s: Settings) -> MinHashSettings:
+        return MinHashSettings(
+            num_perm=_given(self.num_perm, s.dedup_num_perm), shingle_words=_given(self.shingle_words, s.dedup_shingle_words),
+            threshold=_given(self.threshold, s.dedup_threshold),
+        )
 
 
 class IndexConfig(dg.Config):
-    layout: str = Field(
-        default=env_str("EMBEDDING_INDEX_LAYOUT", "binary"),
-        description="binary: Hamming IVF over sign bits in memory, candidates rescored with int8 codes read from disk "
-        "(32x smaller in memory than float32); int8: IVF over int8 codes (4x smaller).",
+    layout: str | None = Field(
+        default=None,
+        description=_unset_means(
+            "index_layout",
+            "binary: Hamming IVF over sign bits in memory, candidates rescored with int8 codes read from disk "
+            "(32x smaller in memory than float32); int8: IVF over int8 codes (4x smaller).",
+        ),
     )
-    target_recall: float = Field(default=env_float("EMBEDDING_TARGET_RECALL", 0.95), description="recall@10 against exact float32 search that nprobe (and the rescore multiplier) are tuned to.")
-    recall_queries: int = Field(default=env_int("EMBEDDING_RECALL_QUERIES", 200), description="Sampled queries for recall.")
-    min_nlist: int = Field(default=env_int("EMBEDDING_MIN_NLIST", 8), description="Below this many lists, build a flat index.")
-    lexical: bool = Field(default=env_bool("EMBEDDING_LEXICAL_INDEX", True), description="Publish a BM25 index inside each version (lexical and hybrid search).")
+    target_recall: float | None = Field(default=None, description=_unset_means("target_recall", "recall@10 against exact float32 search that nprobe (and the rescore multiplier) are tuned to."))
+    recall_queries: int | None = Field(default=None, description=_unset_means("recall_queries", "Sampled queries for recall."))
+    min_nlist: int | None = Field(default=None, description=_unset_means("min_nlist", "Below this many lists, build a flat index."))
+    lexical: bool | None = Field(default=None, description=_unset_means("lexical_index", "Publish a BM25 index inside each version (lexical and hybrid search)."))
 
-    def to_settings(self) -> IndexSettings:
+    def to_settings(self, s: Settings | None = None) -> IndexSettings:
+        s = s or load_settings()
         return IndexSettings(
-            layout=self.layout, target_recall=self.target_recall, recall_queries=self.recall_queries,
-            min_nlist=self.min_nlist, lexical=self.lexical,
+            layout=_given(self.layout, s.index_layout), target_recall=_given(self.target_recall, s.target_recall),
+            recall_queries=_given(self.recall_queries, s.recall_queries), min_nlist=_given(self.min_nlist, s.min_nlist),
+            lexical=_given(self.lexical, s.lexical_index),
         )
+
+
+def _given(value, setting):
+    return setting if value is None else value
+
+
+def _partition_signals(warehouse: WarehouseResource, asset: str, source: str) -> tuple[dg.DataVersion, dict]:
+    """The data version of one source's rows (unchanged rows: unchanged version, so a no-op run leaves
+    downstream assets synced) and the column schema of the asset's table, as the database has it."""
+    version = dg.DataVersion(partition_data_version(warehouse, asset, source))
+    columns = table_columns(warehouse, ASSET_TABLES[asset])
+    schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns])
+    return version, {"dagster/column_schema": schema, "dagster/table_name": f"warehouse.{ASSET_TABLES[asset]}"}
 
 
 @dg.asset(
     partitions_def=sources_partitions,
     group_name=GROUP,
     kinds={"duckdb"},
+    owners=OWNERS,
+    tags=WAREHOUSE_TAGS,
     pool=WAREHOUSE_POOL,
     description="Files of one source: relative path, bytes, content sha256, size, mtime. Unsupported or refused files are recorded with a reason.",
 )
@@ -110,14 +153,30 @@ def raw_documents(
     sources: DocumentSourcesResource,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
-    r = ingest_source(
-        warehouse, sources.root_path, context.partition_key,
-        max_file_bytes=sources.max_file_bytes, allow_empty=config.allow_empty, progress=for_context(context),
-    )
+    source = context.partition_key
+    folder = source_dir(sources.root_path, source)  # refuses a partition key that is no folder name
+    # Taken before the scan: a file saved during the run makes the sensor's next fingerprint differ, so it runs again.
+    fingerprint = source_fingerprint(folder) if folder.is_dir() else None
+    try:
+        r = ingest_source(
+            warehouse, sources.root_path, source,
+            max_file_bytes=sources.max_file_bytes, allow_empty=config.allow_empty, progress=for_context(context),
+        )
+    except SourceMissing as exc:
+        # A partition without a folder (deleted, moved, or added by mistake in the UI): nothing was written.
+        raise dg.Failure(
+            description=f"{exc}. Nothing was written. If the partition was added by mistake or the source is gone for "
+            f"good, launch the remove_source job for partition {source!r} (or `embedding-pipeline remove-source {source}`).",
+            allow_retries=False,
+        ) from None
+    version, table = _partition_signals(warehouse, "raw_documents", context.partition_key)
     return dg.MaterializeResult(
+        data_version=version,
         metadata={
+            **table,
             "dagster/row_count": r.live_documents,
             "added": r.added, "updated": r.updated, "unchanged": r.unchanged, "deleted": r.deleted,
+            "source_fingerprint": fingerprint or "missing",
             "renamed": r.renamed, "skipped": len(r.skipped), "bytes_read": r.bytes_read, "seconds": round(r.seconds, 3),
             "skipped_files": dg.MetadataValue.md(_table(["file", "reason"], [(s.relative_path, s.reason) for s in r.skipped])),
         }
@@ -129,13 +188,18 @@ def raw_documents(
     deps=[raw_documents],
     group_name=GROUP,
     kinds={"duckdb"},
+    owners=OWNERS,
+    tags=WAREHOUSE_TAGS,
     pool=WAREHOUSE_POOL,
     description="Text and heading structure extracted with a real HTML parser, Markdown/RST markup removed, Unicode normalized, language detected. Documents without text are quarantined with the reason.",
 )
 def cleaned_documents(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     r = clean_source(warehouse, context.partition_key, progress=for_context(context))
+    version, table = _partition_signals(warehouse, "cleaned_documents", context.partition_key)
     return dg.MaterializeResult(
+        data_version=version,
         metadata={
+            **table,
             "dagster/row_count": r.live_documents,
             "cleaned": r.cleaned, "unchanged": r.unchanged, "quarantined": len(r.quarantined),
             "warnings": r.warnings, "characters": r.characters, "seconds": round(r.seconds, 3),
@@ -150,6 +214,8 @@ def cleaned_documents(context: dg.AssetExecutionContext, warehouse: WarehouseRes
     deps=[cleaned_documents],
     group_name=GROUP,
     kinds={"duckdb"},
+    owners=OWNERS,
+    tags=WAREHOUSE_TAGS,
     pool=WAREHOUSE_POOL,
     description="Structure-aware chunks measured in the model's own tokens, never over its limit, with stable content-derived chunk ids and character offsets.",
 )
@@ -161,11 +227,14 @@ def chunks(
     r = chunk_source(
         warehouse, context.partition_key,
         tokenizer=tokenizer, tokenizer_fingerprint=model.tokenizer_fingerprint(), max_tokens=max_tokens,
-        settings=ChunkingSettings(config.chunk_tokens, config.overlap_tokens, config.min_chunk_tokens),
+        settings=config.to_settings(load_settings()),
         progress=for_context(context),
     )
+    version, table = _partition_signals(warehouse, "chunks", context.partition_key)
     return dg.MaterializeResult(
+        data_version=version,
         metadata={
+            **table,
             "dagster/row_count": r.live_chunks,
             "documents_chunked": r.documents_chunked, "documents_unchanged": r.documents_unchanged,
             "documents_quarantined": r.quarantined,
@@ -181,14 +250,18 @@ def chunks(
     deps=[chunks],
     group_name=GROUP,
     kinds={"duckdb"},
+    owners=OWNERS,
+    tags=WAREHOUSE_TAGS,
     pool=WAREHOUSE_POOL,
     description="Exact (normalized-text hash) and near (MinHash LSH) duplicates removed across all sources; each dropped chunk records which chunk it duplicates.",
 )
 def deduped_chunks(context: dg.AssetExecutionContext, config: DedupConfig, warehouse: WarehouseResource) -> dg.MaterializeResult:
-    settings = MinHashSettings(num_perm=config.num_perm, shingle_words=config.shingle_words, threshold=config.threshold)
-    r = dedup_source(warehouse, context.partition_key, settings=settings, progress=for_context(context))
+    r = dedup_source(warehouse, context.partition_key, settings=config.to_settings(load_settings()), progress=for_context(context))
+    version, table = _partition_signals(warehouse, "deduped_chunks", context.partition_key)
     return dg.MaterializeResult(
+        data_version=version,
         metadata={
+            **table,
             "dagster/row_count": r.live_canonical,
             "live_chunks": r.live_chunks, "decided": r.decided, "canonical": r.canonical,
             "exact_duplicates": r.exact_duplicates, "near_duplicates": r.near_duplicates,
@@ -203,6 +276,8 @@ def deduped_chunks(context: dg.AssetExecutionContext, config: DedupConfig, wareh
     deps=[deduped_chunks],
     group_name=GROUP,
     kinds={"duckdb", "pytorch"},
+    owners=OWNERS,
+    tags=WAREHOUSE_TAGS,
     pool=WAREHOUSE_POOL,
     description="float32 L2-normalized vectors of the canonical chunks; only cache misses reach the model, which is loaded only when needed.",
 )
@@ -213,26 +288,39 @@ def embeddings(
     cache: EmbeddingCacheResource,
 ) -> dg.MaterializeResult:
     r = embed_source(warehouse, context.partition_key, model=model, cache=cache, progress=for_context(context))
+    version, table = _partition_signals(warehouse, "embeddings", context.partition_key)
     looked_up = r.pending
     hits = sum(r.cache_hits.values())
+    # Rates only when there was something to rate: a run that looked nothing up or embedded nothing
+    # reports no hit rate and no throughput (a 1.0 or a 0 would be plotted as if it were measured).
+    rates: dict[str, float] = {}
+    if looked_up:
+        rates["cache_hit_rate"] = round(hits / looked_up, 4)
+    if r.embedded_by_model:
+        rates["chunks_per_second"] = round(r.chunks_per_second, 2)
+        rates["padding_waste"] = round(r.padding_waste, 4)
     return dg.MaterializeResult(
+        data_version=version,
         metadata={
+            **table,
             "dagster/row_count": r.live_vectors,
             "model_fingerprint": r.model_fingerprint, "dimension": r.dimension,
+            "chunks_looked_up": looked_up,
             "embedded_by_model": r.embedded_by_model, "tokens_embedded": r.tokens_embedded,
             "cache_hits_lru": r.cache_hits.get("lru", 0), "cache_hits_redis": r.cache_hits.get("redis", 0),
             "cache_hits_disk": r.cache_hits.get("disk", 0),
-            "cache_hit_rate": round(hits / looked_up, 4) if looked_up else 1.0,
+            **rates,
             "redis_status": r.redis_status, "vectors_removed": r.removed,
             **r.trust_metadata(),
-            "chunks_per_second": round(r.chunks_per_second, 2), "padding_waste": round(r.padding_waste, 4),
             "seconds": round(r.seconds, 3),
             "summary": dg.MetadataValue.md(_table(["metric", "value"], [
-                ("live vectors", r.live_vectors), ("embedded by the model", r.embedded_by_model),
+                ("live vectors", r.live_vectors), ("looked up in the cache", looked_up),
+                ("embedded by the model", r.embedded_by_model),
                 ("tokens embedded", r.tokens_embedded), ("cache hits (lru / redis / disk)",
                  " / ".join(str(r.cache_hits.get(t, 0)) for t in ("lru", "redis", "disk"))),
-                ("cache hit rate", f"{hits / looked_up:.1%}" if looked_up else "n/a (nothing to embed)"),
-                ("vectors removed", r.removed), ("chunks per second", round(r.chunks_per_second, 2)),
+                ("cache hit rate", f"{hits / looked_up:.1%}" if looked_up else "n/a (nothing looked up)"),
+                ("vectors removed", r.removed),
+                ("chunks per second", rates.get("chunks_per_second", "n/a (nothing embedded)")),
                 ("seconds", round(r.seconds, 3)),
             ])),
         }
@@ -244,6 +332,8 @@ def embeddings(
     deps=[embeddings],
     group_name=GROUP,
     kinds={"duckdb"},
+    owners=OWNERS,
+    tags=WAREHOUSE_TAGS,
     pool=WAREHOUSE_POOL,
     description="int8 codes (calibration ranges computed once per model from a corpus sample and reused) and packed binary codes.",
 )
@@ -251,8 +341,11 @@ def quantized_embeddings(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource, model: EmbeddingModelResource
 ) -> dg.MaterializeResult:
     r = quantize_source(warehouse, context.partition_key, model_fingerprint=model.model_fingerprint(), progress=for_context(context))
+    version, table = _partition_signals(warehouse, "quantized_embeddings", context.partition_key)
     return dg.MaterializeResult(
+        data_version=version,
         metadata={
+            **table,
             "dagster/row_count": r.live_codes,
             "quantized": r.quantized, "removed": r.removed,
             "calibration_sample_size": r.calibration_sample_size, "calibrated_now": r.calibrated_now,
@@ -266,6 +359,8 @@ def quantized_embeddings(
     deps=[quantized_embeddings],
     group_name=GROUP,
     kinds={"faiss"},
+    owners=OWNERS,
+    tags={"layer": "index"},
     check_specs=quality_check_specs(),
     automation_condition=INDEX_FRESHNESS,
     description=(
@@ -311,6 +406,7 @@ def faiss_index(
     if r.mode == "unchanged":  # not published again: the kept version's gates stand
         gates = [GateOutcome(**g) for g in published.manifest.get("gates", [])]
     outcomes = gates + warnings
+    totals = corpus_totals(warehouse, published.path)
     summary = {
         "vectors": r.count, "build mode": r.mode, "layout": r.layout, "nlist": r.nlist, "nprobe": r.nprobe,
         "rescore multiplier": r.rescore_multiplier, "recall@10": f"{r.recall_at_k:.4f} (target {settings.target_recall})",
@@ -319,7 +415,20 @@ def faiss_index(
     }
     yield dg.MaterializeResult(
         check_results=[to_check_result(o) for o in outcomes],
+        # The published version is the index's data: an unchanged build keeps it, so nothing looks stale.
+        data_version=dg.DataVersion(r.version),
         metadata={
+            "dagster/column_schema": _CHUNK_MAP_SCHEMA,
+            # Corpus-wide totals (a partitioned asset's row count is its latest partition only).
+            "corpus_documents": sum(t.documents for t in totals.values()),
+            "corpus_chunks": sum(t.chunks for t in totals.values()),
+            "corpus_canonical_chunks": sum(t.canonical_chunks for t in totals.values()),
+            "corpus_vectors": sum(t.vectors for t in totals.values()),
+            "corpus_sources": len(totals),
+            "corpus_by_source": dg.MetadataValue.table(
+                records=[dg.TableRecord({"source": name, **dataclasses.asdict(t)}) for name, t in totals.items()],
+                schema=_TOTALS_SCHEMA,
+            ),
             "summary": dg.MetadataValue.md(_table(["metric", "value"], summary.items()) + "\n\n" + outcomes_table(outcomes)),
             "bytes_per_vector": round(r.index_bytes / r.count, 2) if r.count else 0.0,
             "dedup_ratio": round(shares.dedup_ratio, 4), "documents": shares.documents,
@@ -333,6 +442,22 @@ def faiss_index(
             "dimension": r.dimension, "seconds": round(r.seconds, 3),
         }
     )
+
+
+_TOTALS_SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("source", "string", description="source folder (partition)"),
+    dg.TableColumn("documents", "int", description="live documents in the warehouse"),
+    dg.TableColumn("chunks", "int", description="live chunks, duplicates included"),
+    dg.TableColumn("canonical_chunks", "int", description="chunks left after dedup"),
+    dg.TableColumn("vectors", "int", description="vectors of the source in the published index"),
+])
+
+
+def _arrow_schema_to_table_schema(schema) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
+
+
+_CHUNK_MAP_SCHEMA = _arrow_schema_to_table_schema(CHUNK_SCHEMA)
 
 
 def _table(header: list[str], rows) -> str:

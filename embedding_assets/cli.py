@@ -164,10 +164,11 @@ def _disk_full(exc: BaseException) -> str | None:
 
 def _full_folder(named: list[Path]) -> Path:
     """The folder whose disk is full: a path the error named, else the state folder with no space left."""
-    from embedding_assets.settings import home_dir
+    from embedding_assets.settings import load_settings
 
+    home = load_settings().home_path
     candidates = [p if p.is_dir() else p.parent for p in named]
-    candidates += [home_dir(), Path(os.environ.get("DAGSTER_HOME") or home_dir() / "dagster")]
+    candidates += [home, Path(os.environ.get("DAGSTER_HOME") or home / "dagster")]
     for folder in candidates:
         existing = folder
         while not existing.exists() and existing != existing.parent:
@@ -204,10 +205,10 @@ def _instance():
     """
     import dagster as dg
 
-    from embedding_assets.settings import home_dir
+    from embedding_assets.settings import load_settings
 
     if not os.environ.get("DAGSTER_HOME"):
-        os.environ["DAGSTER_HOME"] = str(home_dir() / "dagster")
+        os.environ["DAGSTER_HOME"] = str(load_settings().home_path / "dagster")
     dagster_home = Path(os.environ["DAGSTER_HOME"])
     config = dagster_home / "dagster.yaml"
     try:
@@ -237,10 +238,10 @@ def _instance():
 
 
 def _sources() -> int:
-    from embedding_assets.settings import sources_dir
+    from embedding_assets.settings import load_settings
     from embedding_assets.core.sources import list_sources
 
-    root = sources_dir()
+    root = load_settings().sources_path
     if not root.is_dir():
         raise CommandError(_no_sources_root(root))
     for name in list_sources(root):
@@ -252,10 +253,10 @@ def _materialize(args) -> int:
     from embedding_assets.definitions import defs
     from embedding_assets.runner import materialize_index, materialize_source, source_summary
     from embedding_assets.progress import TerminalProgress, set_terminal_reporter
-    from embedding_assets.settings import sources_dir
+    from embedding_assets.settings import load_settings
     from embedding_assets.core.sources import list_sources
 
-    root = sources_dir()
+    root = load_settings().sources_path
     if not args.source and not root.is_dir():
         raise CommandError(_no_sources_root(root))
     names = args.source or list_sources(root)
@@ -351,14 +352,20 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 def _remove_source(args) -> int:
     from embedding_assets.definitions import defs
-    from embedding_assets.runner import RunFailed, materialize_index
-    from embedding_assets.settings import sources_dir
-    from embedding_assets.stages.remove_source import SourceRemovalError, remove_source
+    from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
+    from embedding_assets.runner import RunFailed, materialize_index, remove_source_run
+    from embedding_assets.settings import load_settings
+    from embedding_assets.stages.remove_source import RemovalReport, SourceRemovalError, remove_source
 
     instance = _instance()
     try:
-        report = remove_source(defs.resources["warehouse"], instance, args.name, sources_root=sources_dir())
-    except (SourceRemovalError, ValueError) as exc:
+        if instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, args.name):
+            # The job the UI launches, so both ways remove a source the same way and leave a run in the history.
+            summary = remove_source_run(defs, instance, args.name)
+            report = RemovalReport(**summary)
+        else:  # rows left without a partition (an older removal): the same code, without a run
+            report = remove_source(defs.resources["warehouse"], instance, args.name, sources_root=load_settings().sources_path)
+    except (SourceRemovalError, RunFailed, ValueError) as exc:
         raise CommandError(str(exc)) from exc
     deleted = sum(report.rows_deleted.values())
     print(f"removed source {args.name}: {deleted} rows, partition deleted: {report.partition_deleted}")

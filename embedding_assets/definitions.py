@@ -1,23 +1,43 @@
 """The code location: assets (with their quality checks), jobs, the sources sensor, the index freshness
-automation sensor, the nightly reindex schedule and resources (loaded by `dagster dev -w workspace.yaml`)."""
+automation sensor, the nightly reindex schedule and resources (loaded by `dagster dev -w workspace.yaml`
+and `dg dev`/`dg check defs` through ``[tool.dg]`` in pyproject.toml).
+
+Everything configurable comes from one ``Settings`` value read here: resources, sensor intervals, the
+schedule's cron and each asset's code version.
+"""
 
 import dagster as dg
 
 from embedding_assets.assets import PIPELINE_ASSETS
-from embedding_assets.jobs import build_index_job, ingest_source_job
-from embedding_assets.schedules import nightly_reindex
-from embedding_assets.sensors import index_freshness_sensor, sources_sensor
-from embedding_assets.settings import build_resources
+from embedding_assets.code_versions import code_versions
+from embedding_assets.jobs import build_index_job, ingest_source_job, remove_source_job
+from embedding_assets.schedules import build_reindex_schedule
+from embedding_assets.sensors import build_index_freshness_sensor, build_sources_sensor, source_folders_check
+from embedding_assets.settings import Settings, build_resources, load_settings
 
 
-def build_definitions(resources: dict | None = None) -> dg.Definitions:
-    """Definitions with the given resources (tests, other homes) or the EMBEDDING_* configured ones."""
+def versioned_assets(settings: Settings) -> list[dg.AssetsDefinition]:
+    """The pipeline's assets with the code version of each derived from ``settings`` (see ``code_versions``)."""
+    versions = code_versions(settings)
+    return dg.map_asset_specs(
+        lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()]), PIPELINE_ASSETS
+    )
+
+
+def build_definitions(resources: dict | None = None, settings: Settings | None = None) -> dg.Definitions:
+    """Definitions from ``settings`` (default: the EMBEDDING_* environment now); ``resources`` replace the
+    settings' resources (tests, other homes)."""
+    settings = settings or load_settings()
     return dg.Definitions(
-        assets=PIPELINE_ASSETS,
-        jobs=[ingest_source_job, build_index_job],
-        sensors=[sources_sensor, index_freshness_sensor],
-        schedules=[nightly_reindex],
-        resources=resources if resources is not None else build_resources(),
+        assets=versioned_assets(settings),
+        asset_checks=[source_folders_check],
+        jobs=[ingest_source_job, build_index_job, remove_source_job],
+        sensors=[
+            build_sources_sensor(settings.sensor_interval_seconds),
+            build_index_freshness_sensor(settings.automation_interval_seconds),
+        ],
+        schedules=[build_reindex_schedule(settings.reindex_cron, settings.reindex_timezone)],
+        resources=resources if resources is not None else build_resources(settings),
         # A run's steps form a chain that shares the model and the warehouse lock: running them in one
         # process loads the model once per run instead of once per step. Runs themselves still go to
         # separate processes (the run launcher), so partitions run in parallel.

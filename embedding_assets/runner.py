@@ -112,6 +112,29 @@ def materialize_index(
     return _execute(defs.resolve_job_def("build_index"), instance, run_config)["faiss_index"]
 
 
+def remove_source_run(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, *, quiet: bool = True) -> dict[str, Any]:
+    """Run the ``remove_source`` job (the one the UI launches) for partition ``name``; its summary.
+
+    Raises RunFailed with the job's failure (``SourceRemovalError``'s message: the folder still exists, or
+    no such source) as its cause.
+    """
+    run_config: dict[str, Any] = dict(QUIET) if quiet else {}
+    release_dead_runs(instance)
+    try:
+        result = defs.resolve_job_def("remove_source").execute_in_process(
+            instance=instance, run_config=run_config, partition_key=name, tags=run_tags(), raise_on_error=False
+        )
+    except Exception as exc:  # noqa: BLE001 - e.g. a partition key that does not exist; Dagster's types vary
+        raise RunFailed(f"{type(exc).__name__} (source {name}): {exc}", exc, name) from exc
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        error = failure.step_failure_data.error if failure is not None else None
+        message = (error.message.strip() if error else "the remove_source run failed").splitlines()[0]
+        message = message.removeprefix("dagster._core.definitions.events.Failure: ")
+        raise RunFailed(message, RuntimeError(message), name)
+    return result.output_for_node("remove_source_partition")
+
+
 def _execute(job, instance, run_config, partition_key: str | None = None) -> dict[str, dict[str, Any]]:
     release_dead_runs(instance)
     tags = run_tags()

@@ -14,19 +14,21 @@ from __future__ import annotations
 import dagster as dg
 
 from embedding_assets.jobs import build_index_job
-from embedding_assets.settings import SettingError, env_str
+from embedding_assets.settings import SettingError, Settings, load_settings
 from resources import WarehouseResource
 
-DEFAULT_REINDEX_CRON = "0 3 * * *"
+DEFAULT_REINDEX_CRON: str = Settings.model_fields["reindex_cron"].default
 
 
 def build_reindex_schedule(cron: str | None = None, timezone: str | None = None) -> dg.ScheduleDefinition:
-    """The ``nightly_reindex`` schedule; ``cron``/``timezone`` default to the EMBEDDING_REINDEX_* variables.
+    """The ``nightly_reindex`` schedule; ``cron``/``timezone`` default to the EMBEDDING_REINDEX_* settings, read now.
 
     Raises SettingError when the cron string is not valid.
     """
-    cron = cron or env_str("EMBEDDING_REINDEX_CRON", DEFAULT_REINDEX_CRON)
-    timezone = timezone or env_str("EMBEDDING_REINDEX_TIMEZONE", "UTC")
+    if cron is None or timezone is None:
+        settings = load_settings()
+        cron = cron or settings.reindex_cron
+        timezone = timezone or settings.reindex_timezone
 
     def nightly_reindex(context: dg.ScheduleEvaluationContext, warehouse: WarehouseResource):
         # Nothing to index yet: skip instead of launching a run that fails with "no vectors".
@@ -58,4 +60,6 @@ def build_reindex_schedule(cron: str | None = None, timezone: str | None = None)
         raise SettingError(f"EMBEDDING_REINDEX_CRON={cron!r} / EMBEDDING_REINDEX_TIMEZONE={timezone!r}: {exc}") from exc
 
 
-nightly_reindex = build_reindex_schedule()
+# The schedule with the defaults (importable without reading the environment); the code location
+# builds its own from the settings (``definitions.build_definitions``).
+nightly_reindex = build_reindex_schedule(DEFAULT_REINDEX_CRON, Settings.model_fields["reindex_timezone"].default)

@@ -164,6 +164,10 @@ class EmbeddingModelResource(ConfigurableResource):
             },
         )
 
+    def files_digest(self) -> str:
+        """sha256 over the model folder's config and weight files (cached per process; no torch import)."""
+        return _folder_digest(str(self.model_path()))
+
     def tokenizer_fingerprint(self) -> str:
         path = self.model_path()
         tok = path / "tokenizer.json"

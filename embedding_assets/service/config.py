@@ -7,10 +7,9 @@ the tiers and the index home.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from embedding_assets.settings import SettingError, env_float, env_int
+from embedding_assets.settings import SettingError, load_settings
 
 
 @dataclass(frozen=True)
@@ -38,22 +37,14 @@ class ServiceSettings:
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
-        """From ``EMBEDDING_API_KEYS`` (comma-separated; unset = no auth), ``EMBEDDING_MAX_INPUTS``,
-        ``EMBEDDING_MAX_INPUT_CHARS``, ``EMBEDDING_MAX_BODY_BYTES``, ``EMBEDDING_MAX_K``,
-        ``EMBEDDING_BATCH_WAIT_MS``, ``EMBEDDING_BATCH_TOKENS``, ``EMBEDDING_SERVICE_CACHE_WRITES`` (0/1) and
-        ``EMBEDDING_INDEX_POLL_SECONDS``. Raises SettingError naming the variable."""
-        keys = tuple(k.strip() for k in os.environ.get("EMBEDDING_API_KEYS", "").split(",") if k.strip())
-        writes = os.environ.get("EMBEDDING_SERVICE_CACHE_WRITES", "1").strip().lower()
-        if writes not in ("", "0", "1", "true", "false", "yes", "no"):
-            raise SettingError(f"EMBEDDING_SERVICE_CACHE_WRITES={writes!r} is not 0 or 1")
+        """From the ``EMBEDDING_*`` settings (``embedding_assets.settings.Settings``, service section):
+        ``EMBEDDING_API_KEYS`` (comma-separated; unset = no auth), ``EMBEDDING_MAX_INPUTS`` and the other
+        limits. Raises SettingError naming the variable."""
+        s = load_settings()
+        raw_keys = s.api_keys.get_secret_value() if s.api_keys is not None else ""
         return cls(
-            api_keys=keys,
-            max_inputs=env_int("EMBEDDING_MAX_INPUTS", cls.max_inputs),
-            max_input_chars=env_int("EMBEDDING_MAX_INPUT_CHARS", cls.max_input_chars),
-            max_body_bytes=env_int("EMBEDDING_MAX_BODY_BYTES", cls.max_body_bytes),
-            max_k=env_int("EMBEDDING_MAX_K", cls.max_k),
-            batch_wait_ms=env_float("EMBEDDING_BATCH_WAIT_MS", cls.batch_wait_ms),
-            batch_tokens=env_int("EMBEDDING_BATCH_TOKENS", cls.batch_tokens),
-            cache_writes=writes not in ("0", "false", "no"),
-            index_poll_seconds=env_float("EMBEDDING_INDEX_POLL_SECONDS", cls.index_poll_seconds),
+            api_keys=tuple(k.strip() for k in raw_keys.split(",") if k.strip()),
+            max_inputs=s.max_inputs, max_input_chars=s.max_input_chars, max_body_bytes=s.max_body_bytes,
+            max_k=s.max_k, batch_wait_ms=s.batch_wait_ms, batch_tokens=s.batch_tokens,
+            cache_writes=s.service_cache_writes, index_poll_seconds=s.index_poll_seconds,
         )

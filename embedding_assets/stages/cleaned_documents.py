@@ -50,13 +50,12 @@ class CleanReport:
 
 
 def seconds_per_document_setting() -> float:
-    """``EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT`` (default 30; 0 = no budget, clean in-process)."""
-    from embedding_assets.settings import SettingError, env_float
+    """``EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT`` (default 30; 0 = no budget, clean in-process).
 
-    value = env_float("EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT", DEFAULT_SECONDS_PER_DOCUMENT)
-    if value < 0:
-        raise SettingError(f"EMBEDDING_CLEAN_SECONDS_PER_DOCUMENT={value} must be >= 0 (0 disables the budget)")
-    return value
+    Raises SettingError for a negative or non-numeric value."""
+    from embedding_assets.settings import load_settings
+
+    return load_settings().clean_seconds_per_document
 
 
 def clean_source(

@@ -32,9 +32,6 @@ import numpy as np
 import redis
 from pydantic import Field, PrivateAttr, model_validator
 
-# Not exported by dagster; needed to read an int field bound with dg.EnvVar.int outside a run.
-from dagster._config.field_utils import IntEnvVar
-
 from embedding_assets.core.vector_checks import invalid_rows
 from resources.cache.codec import Verdict, check_value, encode_vector, payload_view
 from resources.cache.disk import DiskTier
@@ -449,7 +446,8 @@ class EmbeddingCacheResource(dg.ConfigurableResource):
         settings = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if isinstance(value, (dg.EnvVar, IntEnvVar)):
+            # dg.EnvVar (str) and dg.EnvVar.int (int) bindings both carry the variable's name and get_value().
+            if isinstance(value, dg.EnvVar) or hasattr(value, "env_var_name"):
                 resolved = value.get_value()
                 if resolved is None:
                     raise EmbeddingCacheConfigError(
