@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 # Keep torch pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test ui serve bench bench-quick install system-deps clean
+PORT ?= 3000
+
+.PHONY: run test test-fast check ui serve bench bench-quick install system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +31,15 @@ run: $(STAMP)
 test: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q
 
+## Unit tests only (no model, no graph run; under 2 minutes): everything not marked slow.
+test-fast: system-deps $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## Lint with the security rules (ruff, [tool.ruff] in pyproject.toml) and load the definitions (dg check defs).
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/dg check defs
+
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -40,11 +51,11 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-## Open the Dagster UI on http://127.0.0.1:3000 with the same home as `make run`.
+## Open the Dagster UI on http://127.0.0.1:$(PORT) (make ui PORT=3001) with the same home as `make run`.
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	test -f $(DAGSTER_HOME)/dagster.yaml || $(BIN)/python -c 'import sys, embedding_assets.cli as c; open(sys.argv[1], "w").write(c.DAGSTER_YAML)' $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 ## Serve /search, /v1/embeddings and the search page on http://127.0.0.1:8000 over `make run`'s index.
 serve: $(STAMP)

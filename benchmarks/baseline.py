@@ -51,7 +51,7 @@ def chunk_corpus(root: Path) -> list[str]:
     chunks: list[str] = []
     for path in html_files(root):
         for chunk in word_windows(page_text(path)):
-            digest = hashlib.md5(chunk.encode()).hexdigest()
+            digest = hashlib.md5(chunk.encode(), usedforsecurity=False).hexdigest()
             if digest not in seen:
                 seen.add(digest)
                 chunks.append(chunk)

@@ -20,8 +20,16 @@ from typing import Any
 # Written into a new DAGSTER_HOME: no telemetry (this machine may have no network). No pool limit:
 # the warehouse's file lock already serializes DuckDB writers across processes, and a limit of one
 # left a run waiting for a slot a failed run never handed on.
+# The instance config `make ui`, the CLI and the tests write into a new DAGSTER_HOME.
+# Every step that writes the warehouse is in the pool embedding_warehouse (assets.WAREHOUSE_POOL). The
+# warehouse's file lock keeps parallel writers correct; the limit keeps parallel partition runs from
+# piling up on that lock (they wait for a slot, visibly, in the UI). Two slots: one run's long embedding
+# step still lets another run's short clean/chunk/dedup steps through.
 DAGSTER_YAML = """telemetry:
   enabled: false
+concurrency:
+  pools:
+    default_limit: 2
 """
 
 EXIT_USAGE = 2

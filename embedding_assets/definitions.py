@@ -10,7 +10,7 @@ import dagster as dg
 
 from embedding_assets.assets import PIPELINE_ASSETS
 from embedding_assets.code_versions import code_versions
-from embedding_assets.jobs import build_index_job, ingest_source_job, remove_source_job
+from embedding_assets.jobs import build_index_job, index_after_source_removal, ingest_source_job, remove_source_job
 from embedding_assets.schedules import build_reindex_schedule
 from embedding_assets.sensors import build_index_freshness_sensor, build_sources_sensor, source_folders_check
 from embedding_assets.settings import Settings, build_resources, load_settings
@@ -35,6 +35,7 @@ def build_definitions(resources: dict | None = None, settings: Settings | None =
         sensors=[
             build_sources_sensor(settings.sensor_interval_seconds),
             build_index_freshness_sensor(settings.automation_interval_seconds),
+            index_after_source_removal,
         ],
         schedules=[build_reindex_schedule(settings.reindex_cron, settings.reindex_timezone)],
         resources=resources if resources is not None else build_resources(settings),

@@ -23,10 +23,6 @@ build_index_job = dg.define_asset_job(
 
 # ---------------------------------------------------------------------------------------------- remove a source
 
-# The assets whose tables hold rows of a source: after a removal each of them holds none for it.
-SOURCE_ASSETS = ("raw_documents", "cleaned_documents", "chunks", "deduped_chunks", "embeddings", "quantized_embeddings")
-
-
 @dg.op(
     description=(
         "Delete every warehouse row of the source named by the run's partition, then its partition. Refuses while the "
@@ -39,8 +35,8 @@ def remove_source_partition(
 ) -> dg.Output[dict]:
     """Runs ``stages.remove_source.remove_source`` for ``context.partition_key`` (the CLI's remove-source runs this job).
 
-    Reports a materialization with no rows for the source on each partitioned asset, so the UI shows the
-    removal in each asset's history and ``faiss_index``'s automation builds an index without its vectors.
+    The partition is gone afterwards, so no asset event can carry the change; ``index_after_source_removal``
+    requests a ``build_index`` run once this job succeeds.
     """
     name = context.partition_key
     try:
@@ -49,13 +45,6 @@ def remove_source_partition(
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     deleted = sum(report.rows_deleted.values())
     context.log.info(f"removed source {name}: {deleted} rows, partition deleted: {report.partition_deleted}")
-    for asset in SOURCE_ASSETS:
-        context.log_event(
-            dg.AssetMaterialization(
-                asset_key=asset, partition=name,
-                metadata={"dagster/row_count": 0, "removed_by": "remove_source", "source": name},
-            )
-        )
     summary = {
         "source": name, "rows_deleted": report.rows_deleted, "partition_deleted": report.partition_deleted,
         "orphaned_duplicates": report.orphaned_duplicates, "sources_to_rerun": report.sources_to_rerun,
@@ -76,10 +65,26 @@ def remove_source_partition(
     partitions_def=sources_partitions,
     description=(
         "Remove a source: all its rows in every table and its partition (pick the partition in the launchpad). "
-        "For a folder that was deleted or a partition added by mistake; the next faiss_index build (automatic) "
-        "holds none of its vectors. `embedding-pipeline remove-source NAME` runs this job."
+        "For a folder that was deleted or a partition added by mistake; a build_index run follows on success "
+        "(index_after_source_removal), so the index holds none of its vectors. `embedding-pipeline remove-source NAME` runs this job."
     ),
     tags={"embedding/trigger": "remove_source"},
 )
 def remove_source_job():
     remove_source_partition()
+
+
+@dg.run_status_sensor(
+    name="index_after_source_removal",
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[remove_source_job],
+    request_job=build_index_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After a remove_source run succeeds, builds a new index version without the removed source's vectors.",
+)
+def index_after_source_removal(context: dg.RunStatusSensorContext) -> dg.RunRequest:
+    run = context.dagster_run
+    return dg.RunRequest(
+        run_key=f"index_after_source_removal:{run.run_id}",
+        tags={"embedding/trigger": "remove_source", "embedding/removed_source": run.tags.get("dagster/partition", "")},
+    )

@@ -124,3 +124,49 @@ def instance():
 
     with dg.instance_for_test() as inst:
         yield inst
+
+
+# --------------------------------------------------------------------------- the `slow` marker is kept true
+
+_USES = {"model": 0, "graph": 0}
+
+
+def _count_uses() -> None:
+    """Count uses of the loaded model (``EmbeddingModelResource._model``, cached or not) and in-process runs
+    of the asset graph (``runner._execute``), so a fast test that does either is caught."""
+    from embedding_assets import runner
+    from resources.model import EmbeddingModelResource
+
+    for owner, name, counter in ((runner, "_execute", "graph"), (EmbeddingModelResource, "_model", "model")):
+        original = getattr(owner, name)
+        if getattr(original, "_counted", False):
+            continue
+
+        def counted(*args, _original=original, _counter=counter, **kwargs):
+            _USES[_counter] += 1
+            return _original(*args, **kwargs)
+
+        counted._counted = True
+        setattr(owner, name, counted)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """`make test-fast` (-m "not slow") stays fast only if every test that loads the model or runs the
+    graph is marked slow: a test without the marker that does either fails here, naming the reason."""
+    if item.get_closest_marker("slow"):
+        return (yield)
+    _count_uses()
+    before = dict(_USES)
+    result = yield
+    loaded, ran = _USES["model"] > before["model"], _USES["graph"] > before["graph"]
+    if loaded or ran:
+        what = " and ".join(w for w, hit in (("loaded the model", loaded), ("ran the asset graph", ran)) if hit)
+        item.ihook.pytest_runtest_logreport(
+            report=pytest.TestReport(
+                item.nodeid, item.location, {}, "failed",
+                f"{item.nodeid} {what} without @pytest.mark.slow: mark it slow (make test-fast skips slow tests)",
+                "call", [],
+            )
+        )
+    return result

@@ -93,7 +93,7 @@ def _drop_stale_decisions(con, fp: str) -> tuple[int, int]:
     removed = con.execute("SELECT count(*) FROM gone").fetchone()[0]
     orphaned = con.execute("SELECT count(*) FROM orphaned").fetchone()[0]
     for table in ("chunk_dedup", "minhash_bands", "minhash_signatures"):
-        con.execute(f"DELETE FROM {table} WHERE chunk_id IN (SELECT chunk_id FROM gone UNION ALL SELECT chunk_id FROM orphaned)")
+        con.execute(f"DELETE FROM {table} WHERE chunk_id IN (SELECT chunk_id FROM gone UNION ALL SELECT chunk_id FROM orphaned)")  # noqa: S608 - table names are constants of this loop; values are parameters
     con.execute("DROP TABLE gone")
     con.execute("DROP TABLE orphaned")
     return removed, orphaned

@@ -281,7 +281,7 @@ def _delete_dead_vectors(con, fingerprint: str, source: str) -> int:
     condition = """NOT EXISTS (SELECT 1 FROM chunk_dedup x JOIN chunks k USING (chunk_id)
                                WHERE x.chunk_id = e.chunk_id AND x.status = 'canonical')
                    OR (e.source = ? AND e.model_fingerprint <> ?)"""
-    return deleted_rows(con, f"DELETE FROM embeddings e WHERE {condition}", [source, fingerprint])
+    return deleted_rows(con, f"DELETE FROM embeddings e WHERE {condition}", [source, fingerprint])  # noqa: S608 - SQL fragments and table names are module constants; values are parameters
 
 
 def _delete_invalid_vectors(con, fingerprint: str, source: str, dim: int) -> list[str]:
@@ -291,7 +291,7 @@ def _delete_invalid_vectors(con, fingerprint: str, source: str, dim: int) -> lis
     """
     found = con.execute(
         f"""SELECT e.chunk_id, e.text_sha256 FROM embeddings e
-            WHERE e.model_fingerprint = ? AND e.chunk_id IN ({_SOURCE_CHUNKS}) AND {_INVALID_VECTOR}""",
+            WHERE e.model_fingerprint = ? AND e.chunk_id IN ({_SOURCE_CHUNKS}) AND {_INVALID_VECTOR}""",  # noqa: S608 - SQL fragments are module constants; values are parameters
         [fingerprint, source, source, dim, NORM_TOLERANCE],
     ).fetchall()
     if not found:
@@ -299,7 +299,7 @@ def _delete_invalid_vectors(con, fingerprint: str, source: str, dim: int) -> lis
     ids = [row[0] for row in found]
     for table in ("embeddings", "quantized_embeddings"):
         con.execute(
-            f"DELETE FROM {table} WHERE model_fingerprint = ? AND chunk_id IN (SELECT unnest(?::VARCHAR[]))",
+            f"DELETE FROM {table} WHERE model_fingerprint = ? AND chunk_id IN (SELECT unnest(?::VARCHAR[]))",  # noqa: S608 - SQL fragments and table names are module constants; values are parameters
             [fingerprint, ids],
         )
     return sorted({row[1] for row in found})

@@ -82,10 +82,10 @@ def remove_source(
         )
         report.rows_deleted["chunk_dedup"] = _changes(con)
         for table in ("minhash_bands", "minhash_signatures"):
-            con.execute(f"DELETE FROM {table} WHERE chunk_id IN (SELECT chunk_id FROM removed_chunks)")
+            con.execute(f"DELETE FROM {table} WHERE chunk_id IN (SELECT chunk_id FROM removed_chunks)")  # noqa: S608 - table names are constants of this module; values are parameters
             report.rows_deleted[table] = _changes(con)
         for table in _SOURCE_TABLES:
-            con.execute(f"DELETE FROM {table} WHERE source = ?", [name])
+            con.execute(f"DELETE FROM {table} WHERE source = ?", [name])  # noqa: S608 - table names are constants of this module; values are parameters
             report.rows_deleted[table] = _changes(con)
         con.execute("DROP TABLE removed_chunks")
     if instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, name):

@@ -56,7 +56,7 @@ def _message(key: str, header: bytes, payload: bytes) -> bytes:
 
 def _tag(kind: int, secret: bytes | None, message: bytes) -> bytes:
     if kind == _TAG_HMAC:
-        assert secret is not None
+        assert secret is not None  # noqa: S101 - narrows the type; _TAG_HMAC is only chosen with a secret
         return hmac.new(secret, message, hashlib.sha256).digest()
     return hashlib.blake2b(message, digest_size=16, person=_CHECKSUM_PERSON).digest()
 

@@ -60,7 +60,7 @@ class DiskTier:
             for start in range(0, len(keys), batch):
                 part = list(keys[start : start + batch])
                 placeholders = ",".join("?" * len(part))
-                found.update(conn.execute(f"SELECT key, value FROM embeddings WHERE key IN ({placeholders})", part))
+                found.update(conn.execute(f"SELECT key, value FROM embeddings WHERE key IN ({placeholders})", part))  # noqa: S608 - only '?' placeholders are interpolated; keys are parameters
             return found
 
         return self._run("read", read, on_damage=dict)

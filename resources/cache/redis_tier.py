@@ -72,7 +72,7 @@ class RedisTier:
             # Drop every pooled socket: after an outage they are dead or mid-reply.
             try:
                 stale.close()
-            except Exception:  # closing a broken client must never raise out of the cache
+            except Exception:  # noqa: S110 - closing a broken client must never raise out of the cache
                 pass
 
     def record_success(self) -> None:

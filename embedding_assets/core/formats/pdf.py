@@ -51,7 +51,7 @@ def _outline_headings(reader) -> dict[int, list[tuple[int, str]]]:
             try:
                 page = reader.get_destination_page_number(item)
                 title = str(item.title or "").strip()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S112 - one broken outline entry must not lose the others' headings
                 continue
             if page is not None and page >= 0 and title:
                 by_page.setdefault(page, []).append((level, title))
