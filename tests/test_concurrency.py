@@ -37,7 +37,7 @@ def _env(tmp: Path, sources: Path) -> dict[str, str]:
 def _init_instance(env: dict[str, str]) -> None:
     """Create the Dagster instance storage first: Dagster's own SQLite schema creation is not safe
     against two processes creating a brand-new DAGSTER_HOME at the same instant."""
-    code = "from embedding_assets.cli import _ensure_dagster_home; _ensure_dagster_home(); import dagster; dagster.DagsterInstance.get().get_runs()"
+    code = "from embedding_assets.cli import _instance; _instance().get_runs()"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
 
 

@@ -190,6 +190,8 @@ class _Batcher:
         fresh = self._audit(rows, hits)
         if "redis" in self.cache.distrusted():
             hits = [None if hit is not None and hit.shared else hit for hit in hits]
+            # Audited rows whose Redis hit is now rejected are served by the model's own vector: embedded.
+            self.report.embedded_by_model += sum(1 for i in fresh if hits[i] is None)
         misses = [i for i, hit in enumerate(hits) if hit is None and i not in fresh]
         if misses:
             fresh.update(zip(misses, self._encode(rows, misses)))
