@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, CommandError) else EXIT_FAILED
+        return _exit_code(exc)
 
 
 class CommandError(Exception):
@@ -80,6 +80,15 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def _exit_code(exc: BaseException) -> int:
+    """2 for bad input or a bad EMBEDDING_* setting (as argparse and ``serve`` answer), else 1."""
+    from embedding_assets.settings import SettingError
+
+    if isinstance(exc, CommandError):
+        return exc.exit_code
+    return EXIT_USAGE if any(isinstance(e, SettingError) for e in _chain(exc)) else EXIT_FAILED
 
 
 def explain(exc: BaseException) -> str | None:
@@ -180,6 +189,13 @@ def _full_folder(named: list[Path]) -> Path:
     return candidates[0]
 
 
+def _no_space_left(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 def _os_error(exc: BaseException) -> str | None:
     """A file-system refusal (permissions, read-only, a file where a folder belongs), naming the path."""
     if not isinstance(exc, OSError) or exc.errno not in _OS_REMEDIES:
@@ -227,6 +243,8 @@ def _instance():
     except Exception as exc:  # noqa: BLE001 - a damaged dagster.yaml or instance storage; Dagster's own types vary
         if _disk_full(exc):
             raise
+        if _no_space_left(dagster_home):  # SQLite reports a full disk as "disk I/O error" when it cannot grow
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dagster_home)) from exc
         raise CommandError(
             f"cannot open the Dagster instance in {dagster_home} (DAGSTER_HOME): {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}: fix or move aside {config} "
