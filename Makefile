@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Keep torch pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test ui serve bench bench-quick install system-deps clean
+.PHONY: run test ui serve bench bench-quick install system-deps clean cluster-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,7 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(EMBEDDING_HOME)
+
+## PostgreSQL + Redis + two Celery workers on loopback: backfill 6 sources, compare with an embedded run (JSON).
+cluster-demo: system-deps $(STAMP)
+	$(BIN)/python -m embedding_assets.cluster.demo

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    work = sub.add_parser("worker", help="run a Celery worker for the pipeline's steps (EMBEDDING_EXECUTOR=celery)")
+    work.add_argument("--name", default=None, help="worker name (default: embedding@<host>)")
+    work.add_argument("--queue", action="append", default=[], metavar="NAME",
+                      help="queue to take steps from; repeatable (default: dagster and gpu)")
+    work.add_argument("--concurrency", type=int, default=1, help="steps at a time (default 1: one per GPU)")
     args = parser.parse_args(argv)
     try:
         if args.command == "materialize":
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return _remove_source(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "worker":
+            from embedding_assets.cluster.worker import run_worker
+
+            return run_worker(name=args.name, queues=args.queue, concurrency=args.concurrency)
         return _sources()
     except KeyboardInterrupt:
         return 130

@@ -18,6 +18,7 @@ import atexit
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -77,23 +78,18 @@ def clean_source(
     with warehouse.connect() as con:
         # Rows whose document is gone or changed, under any fingerprint, are stale.
         report.stale_removed = _delete_stale(con, source)
-        pending = [
-            row[0]
-            for row in con.execute(
-                """WITH fp AS (SELECT unnest(?::VARCHAR[]) AS suffix, unnest(?::VARCHAR[]) AS fingerprint)
-                   SELECT d.doc_id FROM documents d LEFT JOIN fp ON fp.suffix = d.suffix
-                   WHERE d.source = ?
-                     AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = d.doc_id
-                                     AND c.content_sha256 = d.content_sha256 AND c.cleaning_fingerprint = fp.fingerprint)
-                     AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.doc_id = d.doc_id AND q.stage = 'cleaned_documents'
+        candidates = con.execute(
+            """WITH fp AS (SELECT unnest(?::VARCHAR[]) AS suffix, unnest(?::VARCHAR[]) AS fingerprint)
+               SELECT d.doc_id, q.reason FROM documents d LEFT JOIN fp ON fp.suffix = d.suffix
+               LEFT JOIN quarantine q ON q.doc_id = d.doc_id AND q.stage = 'cleaned_documents'
                                      AND q.content_sha256 = d.content_sha256
-                                     -- a document over the time budget is tried again once the budget is raised
-                                     AND coalesce(TRY_CAST(regexp_extract(q.reason, '^cleaning took longer than ([0-9.e+-]+) s', 1)
-                                                           AS DOUBLE) >= ?, TRUE))
-                   ORDER BY d.relative_path""",
-                [suffixes, [fps[x] for x in suffixes], source, budget if budget > 0 else float("inf")],
-            ).fetchall()
-        ]
+               WHERE d.source = ?
+                 AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = d.doc_id
+                                 AND c.content_sha256 = d.content_sha256 AND c.cleaning_fingerprint = fp.fingerprint)
+               ORDER BY d.relative_path""",
+            [suffixes, [fps[x] for x in suffixes], source],
+        ).fetchall()
+        pending = _to_clean(candidates, budget)
         total = con.execute("SELECT count(*) FROM documents WHERE source = ?", [source]).fetchone()[0]
     report.unchanged = total - len(pending)
 
@@ -149,6 +145,27 @@ def clean_source(
     )[0][0]
     report.seconds = time.perf_counter() - started
     return report
+
+
+# The reason a document over the time budget was quarantined with (see ``_Worker.clean``).
+_OVER_BUDGET = re.compile(r"^cleaning took longer than ([0-9.e+-]+) s")
+
+
+def _to_clean(candidates: list[tuple[str, str | None]], budget: float) -> list[str]:
+    """Doc ids to clean, in order, from (doc_id, quarantine reason of its current content or None).
+
+    A quarantined document is not tried again, except one that was over the time budget when the
+    budget has been raised past what it took (a budget of 0 means none).
+    """
+    limit = budget if budget > 0 else float("inf")
+    out: dict[str, None] = {}
+    for doc_id, reason in candidates:
+        if reason is not None:
+            over = _OVER_BUDGET.match(reason)
+            if over is None or float(over.group(1)) >= limit:
+                continue
+        out[doc_id] = None
+    return list(out)
 
 
 def _blocks_json(blocks) -> str:
