@@ -11,7 +11,7 @@ TORCH_PIN := torch==2.13.0
 
 PORT ?= 3000
 
-.PHONY: run test test-fast check ui serve bench bench-quick install system-deps clean
+.PHONY: run test test-fast check ui serve bench bench-quick install system-deps clean cluster-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,3 +69,7 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(EMBEDDING_HOME)
+
+## PostgreSQL + Redis + two Celery workers on loopback: backfill 6 sources, compare with an embedded run (JSON).
+cluster-demo: system-deps $(STAMP)
+	$(BIN)/python -m embedding_assets.cluster.demo

@@ -9,6 +9,7 @@ schedule's cron and each asset's code version.
 import dagster as dg
 
 from embedding_assets.assets import PIPELINE_ASSETS
+from embedding_assets.cluster.executor import pipeline_executor
 from embedding_assets.code_versions import code_versions
 from embedding_assets.jobs import build_index_job, index_after_source_removal, ingest_source_job, remove_source_job
 from embedding_assets.schedules import build_reindex_schedule
@@ -39,11 +40,18 @@ def build_definitions(resources: dict | None = None, settings: Settings | None =
         ],
         schedules=[build_reindex_schedule(settings.reindex_cron, settings.reindex_timezone)],
         resources=resources if resources is not None else build_resources(settings),
-        # A run's steps form a chain that shares the model and the warehouse lock: running them in one
-        # process loads the model once per run instead of once per step. Runs themselves still go to
-        # separate processes (the run launcher), so partitions run in parallel.
-        executor=dg.in_process_executor,
+        # In-process by default (one machine): a run's steps share the model and the warehouse lock, so one
+        # process loads the model once per run. EMBEDDING_EXECUTOR=celery fans steps out to workers.
+        executor=pipeline_executor(),
     )
 
 
 defs = build_definitions()
+
+
+def INGEST_JOB() -> dg.JobDefinition:  # noqa: N802 - module-level targets of dg.reconstructable (Celery workers)
+    return defs.resolve_job_def("ingest_source")
+
+
+def INDEX_JOB() -> dg.JobDefinition:  # noqa: N802
+    return defs.resolve_job_def("build_index")

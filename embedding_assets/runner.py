@@ -138,6 +138,10 @@ def remove_source_run(defs: dg.Definitions, instance: dg.DagsterInstance, name: 
 def _execute(job, instance, run_config, partition_key: str | None = None) -> dict[str, dict[str, Any]]:
     release_dead_runs(instance)
     tags = run_tags()
+    from embedding_assets.cluster.executor import executor_name
+
+    if executor_name() == "celery":
+        return _execute_on_workers(job.name, instance, run_config, partition_key, tags)
     try:
         result = job.execute_in_process(instance=instance, run_config=run_config, partition_key=partition_key, tags=tags)
     except Exception as exc:  # noqa: BLE001 - execute_in_process re-raises the user code's own exception
@@ -145,6 +149,23 @@ def _execute(job, instance, run_config, partition_key: str | None = None) -> dic
         where = f" (source {partition_key})" if partition_key else ""
         raise RunFailed(f"{type(cause).__name__}{where}: {cause}", cause, partition_key) from exc
     return materializations(result)
+
+
+def _execute_on_workers(job_name: str, instance, run_config, partition_key, tags) -> dict[str, dict[str, Any]]:
+    """Run the code location's job through its Celery executor: this process submits the steps and waits;
+    the workers run them (they rebuild the job from ``embedding_assets.definitions``)."""
+    from embedding_assets import definitions
+
+    recon = dg.reconstructable(definitions.INGEST_JOB if job_name == "ingest_source" else definitions.INDEX_JOB)
+    if partition_key is not None:
+        tags = {**tags, "dagster/partition": partition_key}
+    with dg.execute_job(recon, instance=instance, run_config=run_config, tags=tags) as result:
+        if not result.success:
+            failure = next((e for e in result.all_events if e.is_step_failure), None)
+            cause = failure.step_failure_data.error.message.strip() if failure else "the run failed"
+            where = f" (source {partition_key})" if partition_key else ""
+            raise RunFailed(f"run {result.run_id}{where}: {cause}", None, partition_key)
+        return materializations(result)
 
 
 def materializations(result) -> dict[str, dict[str, Any]]:

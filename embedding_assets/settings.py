@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from resources.index_store import IndexStoreResource
@@ -51,10 +51,22 @@ class Settings(BaseSettings):
     sources_dir: Path = Field(Path("data/sources"), description="sources root; each subfolder is a source (partition)")
     max_file_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger files are skipped and recorded")
     lock_timeout_seconds: float = Field(
-        900.0, gt=0, description="how long a run waits for the warehouse's writer lock before it fails, naming the holder"
+        900.0, gt=0, description="how long a run waits for the warehouse (another run, or an outside program holding "
+        "`warehouse.duckdb` open) before failing with one `error:` line naming the file and the holder"
     )
     clean_seconds_per_document: float = Field(
         30.0, ge=0, description="cleaning time budget per document; over it the document is quarantined with the reason (0 = no limit)"
+    )
+    clean_workers: int = Field(
+        0, ge=0, description="cleaning worker processes (each document under its own budget); 0 = one per core, at most 4"
+    )
+    warehouse_url: SecretStr | None = Field(
+        None,
+        description="`postgresql://user:password@host:port/db` selects the PostgreSQL warehouse (several machines; index "
+        "builds and publishes lock there too); unset = DuckDB in the home. A secret, bound with `dg.EnvVar`",
+    )
+    index_dir: Path | None = Field(
+        None, description="where index versions live (a shared filesystem for a cluster)", json_schema_extra=_doc("`{home}/index`")
     )
 
     # ---- model
@@ -130,6 +142,17 @@ class Settings(BaseSettings):
     reindex_cron: str = Field("0 3 * * *", description="when `nightly_reindex` runs (cron)")
     reindex_timezone: str = Field("UTC", description="the timezone of `EMBEDDING_REINDEX_CRON`")
 
+    # ---- cluster
+    executor: str = Field(
+        "in_process", pattern="^(in_process|celery)$",
+        description="`in_process` (one machine) or `celery` (steps as Celery tasks, run by `embedding-pipeline worker`)",
+    )
+    celery_broker: SecretStr | None = Field(
+        None, description="the Celery broker and result backend, `redis://host:port/db`; unset = `EMBEDDING_REDIS_URL`. "
+        "A secret, bound by name",
+    )
+    demo_keep: bool = Field(False, description="`make cluster-demo` keeps its work folder (servers' data, logs) for a look")
+
     # ---- service (`embedding-pipeline serve`)
     api_keys: SecretStr | None = Field(
         None, description="comma-separated keys; when set every route but `/health`, `/ready` and `/metrics` needs "
@@ -144,6 +167,11 @@ class Settings(BaseSettings):
     service_cache_writes: bool = Field(True, description="write texts the service embedded back to every cache tier")
     index_poll_seconds: float = Field(1.0, description="how often the service looks for a newly published index version")
 
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     # ---- derived paths (not settings)
     @property
     def home_path(self) -> Path:
@@ -152,6 +180,10 @@ class Settings(BaseSettings):
     @property
     def sources_path(self) -> Path:
         return self.sources_dir.expanduser().resolve()
+
+    @property
+    def index_path(self) -> Path | None:
+        return self.index_dir.expanduser().resolve() if self.index_dir else None
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -195,7 +227,11 @@ def model_resource(settings: Settings | None = None) -> EmbeddingModelResource:
 def index_store_resource(settings: Settings | None = None) -> IndexStoreResource:
     s = settings or load_settings()
     return IndexStoreResource(
-        home=str(s.home_path), keep_versions=s.keep_index_versions, build_lock_timeout_seconds=s.build_lock_timeout_seconds
+        home=str(s.home_path),
+        index_dir=str(s.index_path) if s.index_path else None,
+        lock_url=_env_binding(s, "warehouse_url"),
+        keep_versions=s.keep_index_versions,
+        build_lock_timeout_seconds=s.build_lock_timeout_seconds,
     )
 
 
@@ -222,7 +258,9 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
     s = settings or load_settings()
     return {
         "sources": DocumentSourcesResource(root=str(s.sources_path), max_file_bytes=s.max_file_bytes),
-        "warehouse": WarehouseResource(home=str(s.home_path), lock_timeout_seconds=s.lock_timeout_seconds),
+        "warehouse": WarehouseResource(
+            home=str(s.home_path), url=_env_binding(s, "warehouse_url"), lock_timeout_seconds=s.lock_timeout_seconds
+        ),
         "index_store": index_store_resource(s),
         "model": model_resource(s),
         "cache": cache_resource(s),
