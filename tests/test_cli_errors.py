@@ -27,6 +27,9 @@ from tests.cli_support import (
     cli, cli_env, clone_state, copy_corpus, ok, one_error, search_hits, tree_digest, unprivileged_prefix,
 )
 
+# Runs the asset graph with the real model (in process or through the CLI): `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 QUERY = "honey bees keep warm in a winter cluster"
 NEW_DOC = "# Moss\n\nMoss and lichen grow on old dry-stone walls; lichen is a fungus living with an alga.\n"
 

@@ -22,6 +22,9 @@ from resources import IndexStoreResource, WarehouseResource
 from resources.locks import LockTimeout, file_lock
 from tests.pipeline_support import FIXTURE_CORPUS
 
+# Runs the asset graph with the real model (in process or through the CLI): `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

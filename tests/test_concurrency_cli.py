@@ -22,6 +22,9 @@ from tests.cli_support import cli, cli_env, cli_popen, copy_corpus, dynamic_part
 from tests.pipeline_support import FIXTURE_CORPUS, index_count
 from tests.test_sources_reliability_reader import OutsideReader
 
+# Runs the asset graph with the real model (in process or through the CLI): `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 NEW_DOC = "# Moss\n\nMoss and lichen grow on old dry-stone walls; lichen is a fungus living with an alga.\n"
 
 

@@ -30,6 +30,9 @@ from resources import EmbeddingCacheResource, IndexStoreResource, WarehouseResou
 from resources.cache import decode_vector, encode_vector
 from tests.pipeline_support import FIXTURE_CORPUS, make_pipeline
 
+# Runs the asset graph with the real model (in process or through the CLI): `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CORPUS = ROOT / "data" / "sources" / "sample"
 

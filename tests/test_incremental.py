@@ -15,6 +15,9 @@ from embedding_assets.core import cleaning
 from embedding_assets.runner import RunFailed
 from tests.pipeline_support import QUERIES, make_pipeline
 
+# Runs the asset graph with the real model (in process or through the CLI): `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 SOURDOUGH_QUERY = next(q["query"] for q in QUERIES if "sourdough" in q["expected_path"])
 CHESS_QUERY = next(q["query"] for q in QUERIES if "chess" in q["expected_path"])
 

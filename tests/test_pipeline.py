@@ -18,6 +18,9 @@ from embedding_assets.core.identity import vector_id
 from embedding_assets.core.index_version import IndexVersion
 from tests.pipeline_support import QUERIES, make_pipeline
 
+# Runs the asset graph with the real model (in process or through the CLI): `make test-fast` skips it.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
