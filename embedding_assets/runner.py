@@ -174,9 +174,17 @@ def materializations(result) -> dict[str, dict[str, Any]]:
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
         out[mat.asset_key.to_user_string()] = {
-            key.removeprefix("dagster/"): value.value for key, value in mat.metadata.items()
+            key.removeprefix("dagster/"): _plain(value.value) for key, value in mat.metadata.items()
         }
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as plain data: a column schema (a Dagster record, which refuses iteration and so
+    breaks ``json.dumps`` of the CLI's report) becomes {column: type}."""
+    if isinstance(value, dg.TableSchema):
+        return {column.name: column.type for column in value.columns}
+    return value
 
 
 def source_summary(assets: dict[str, dict[str, Any]]) -> dict[str, Any]:

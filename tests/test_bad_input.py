@@ -104,6 +104,7 @@ def bad_run(tmp_path_factory):
         yield pipeline, report
 
 
+@pytest.mark.slow
 def test_bad_files_never_fail_the_run_and_good_documents_are_embedded(bad_run):
     pipeline, report = bad_run
     paths = {p for (p,) in pipeline.rows("SELECT relative_path FROM documents WHERE source = 'bad'")}
@@ -203,6 +204,7 @@ def test_paths_with_dotdot_and_bad_source_names_are_refused(tmp_path):
             scan_source(tmp_path, name, max_file_bytes=1000)
 
 
+@pytest.mark.slow
 def test_unknown_source_fails_the_run_with_a_message_naming_it(bad_run):
     pipeline, _ = bad_run
     with pytest.raises(RunFailed, match="no-such-source"):
@@ -221,6 +223,7 @@ def test_unknown_model_path_fails_fast_naming_the_setting(tmp_path):
         EmbeddingModelResource(model=str(tmp_path / "not-a-model")).tokenizer()
 
 
+@pytest.mark.slow
 def test_unknown_model_path_fails_the_run_before_any_chunk_is_written(tmp_path):
     with dg.instance_for_test() as instance:
         pipeline = make_pipeline(tmp_path, instance, model=str(tmp_path / "missing-model"))

@@ -94,6 +94,7 @@ def test_max_seq_length_too_small_is_refused_naming_the_setting():
 _TEXTS = [f"Sentence number {i} about {'tokens ' * (i % 17)}vectors and indexes." for i in range(90)]
 
 
+@pytest.mark.slow
 def test_streams_give_the_vectors_of_one_stream_and_of_plain_encode():
     """Two streams (forward passes on a pool, tokenizing on the caller) change nothing but speed:
     same vectors, same order, as one stream and as SentenceTransformer.encode itself."""
@@ -107,6 +108,7 @@ def test_streams_give_the_vectors_of_one_stream_and_of_plain_encode():
     np.testing.assert_allclose(v1, reference, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_encode_puts_torch_threads_back_and_auto_streams_fit_the_cores():
     import torch
 
@@ -117,6 +119,7 @@ def test_encode_puts_torch_threads_back_and_auto_streams_fit_the_cores():
     assert EmbeddingModelResource().resolved_cpu_streams() == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
 
 
+@pytest.mark.slow
 def test_negative_cpu_streams_is_refused_naming_the_setting():
     with pytest.raises(ModelConfigError, match="EMBEDDING_CPU_STREAMS"):
         EmbeddingModelResource(cpu_streams=-1).encode(["x"])

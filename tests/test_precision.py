@@ -27,6 +27,7 @@ def float32_vectors() -> np.ndarray:
     ("dtype", "min_cosine"),
     [("bfloat16", 0.995), ("bfloat16-autocast", 0.995), ("float16", 0.999)],
 )
+@pytest.mark.slow
 def test_precision_path_is_close_to_float32(dtype, min_cosine, float32_vectors):
     vectors, stats = EmbeddingModelResource(dtype=dtype, token_budget=2048).encode(TEXTS)
     assert vectors.shape == float32_vectors.shape and vectors.dtype == np.float32
@@ -38,6 +39,7 @@ def test_precision_path_is_close_to_float32(dtype, min_cosine, float32_vectors):
     assert stats.batches > 1 and stats.texts == len(TEXTS)
 
 
+@pytest.mark.slow
 def test_batching_does_not_change_vectors(float32_vectors):
     """Order is restored after length-sorted batching, whatever the budget."""
     vectors, stats = EmbeddingModelResource(dtype="float32", token_budget=100_000, batch_size=1000, cpu_streams=1).encode(TEXTS)

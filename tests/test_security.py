@@ -69,6 +69,7 @@ def _all_bytes_under(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_redis_auth_from_env_works_and_the_password_never_leaks(tmp_path, redis_server_auth, monkeypatch, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     password = redis_server_auth.password
@@ -117,6 +118,7 @@ def test_redis_auth_from_env_works_and_the_password_never_leaks(tmp_path, redis_
     assert password not in caplog.text and password[::-1] not in caplog.text
 
 
+@pytest.mark.slow
 def test_two_max_seq_lengths_never_read_each_others_vectors(tmp_path):
     """Same home, same cache, same chunk texts; only max_seq_length differs -> separate vectors."""
     with dg.instance_for_test() as instance:

@@ -127,6 +127,7 @@ def stray_run(tmp_path_factory):
                 subprocess.run(["umount", "-l", str(folder / "mirror")], check=False)
 
 
+@pytest.mark.slow
 def test_every_stray_path_is_reported_and_the_rest_is_indexed(stray_run):
     pipeline, report, strays, _ = stray_run
     stored = {p for (p,) in pipeline.rows("SELECT relative_path FROM documents WHERE source = 'strays'")}
@@ -172,6 +173,7 @@ def test_the_sensor_fingerprints_a_source_full_of_strays_and_sees_a_fix(stray_ru
     assert source_fingerprint(folder) == before
 
 
+@pytest.mark.slow
 def test_a_rerun_with_the_same_strays_changes_nothing(stray_run):
     pipeline, _, strays, _ = stray_run
     again = pipeline.run_source("strays")["raw_documents"]
@@ -179,6 +181,7 @@ def test_a_rerun_with_the_same_strays_changes_nothing(stray_run):
     assert again["skipped"] == len(strays)
 
 
+@pytest.mark.slow
 def test_a_stored_document_replaced_by_a_stray_path_is_deleted(tmp_path):
     """A refusal (not a read error) means the path is no document: its stored version leaves."""
     with dg.instance_for_test() as instance:
@@ -302,6 +305,7 @@ def test_source_name_rule():
         assert source_name_problem(name), name
 
 
+@pytest.mark.slow
 def test_sources_with_spaces_and_accents_run_end_to_end_and_outside_links_fail_clearly(tmp_path):
     with dg.instance_for_test() as instance:
         pipeline = make_pipeline(tmp_path, instance, copy_corpus=False)

@@ -87,6 +87,7 @@ def _indexed_paths(warehouse: WarehouseResource, store: IndexStoreResource) -> s
     return {p for (p,) in rows}
 
 
+@pytest.mark.slow
 def test_unreadable_file_and_folders_keep_their_documents_through_a_real_run(tmp_path, unprivileged):
     folder = tmp_path / "sources" / "field"
     for relative, text in FILES.items():

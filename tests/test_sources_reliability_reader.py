@@ -111,6 +111,7 @@ def test_a_holder_killed_with_sigkill_releases_the_file_to_a_waiting_writer(ware
     assert warehouse.query_rows("SELECT count(*) FROM meta WHERE value = 'after-kill'")[0][0] == 1
 
 
+@pytest.mark.slow
 def test_a_source_run_waits_for_an_outside_reader_instead_of_failing(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="embedding_pipeline.warehouse")
     with dg.instance_for_test() as instance:
