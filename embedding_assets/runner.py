@@ -180,10 +180,16 @@ def materializations(result) -> dict[str, dict[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
-    """A metadata value as plain data: a column schema (a Dagster record, which refuses iteration and so
-    breaks ``json.dumps`` of the CLI's report) becomes {column: type}."""
+    """A metadata value as plain data for ``json.dumps`` of the CLI's report: Dagster's table records refuse
+    iteration, so a column schema becomes {column: type}, a table its list of rows, a row its dict."""
     if isinstance(value, dg.TableSchema):
         return {column.name: column.type for column in value.columns}
+    if isinstance(value, dg.TableRecord):
+        return dict(value.data)
+    if isinstance(value, dg.TableMetadataValue):
+        return [dict(record.data) for record in value.records]
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
     return value
 
 
