@@ -25,7 +25,7 @@ from embedding_assets.checks import (
     to_check_result,
     warning_checks,
 )
-from embedding_assets.core.chunking import ChunkingSettings, max_chunk_tokens
+from embedding_assets.core.chunking import CHUNKER_VERSION, CONTEXT_FORMAT_VERSION, ChunkingSettings, max_chunk_tokens
 from embedding_assets.core.dedup import MinHashSettings
 from embedding_assets.partitions import sources_partitions
 from embedding_assets.progress import for_context
@@ -60,6 +60,10 @@ INDEX_FRESHNESS = (
 ).with_label("rebuild after an ingest changed the live set")
 
 
+# Chunk boundaries and the contextual text the model reads: a new version marks chunks and embeddings unsynced.
+CHUNK_CODE_VERSION = f"chunker-{CHUNKER_VERSION}-context-{CONTEXT_FORMAT_VERSION}"
+
+
 class RawDocumentsConfig(dg.Config):
     allow_empty: bool = Field(
         default=False,
@@ -70,7 +74,8 @@ class RawDocumentsConfig(dg.Config):
 class ChunkingConfig(dg.Config):
     chunk_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_TOKENS", 240), description="Max tokens per chunk.")
     overlap_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_OVERLAP", 36), description="Overlap where a long section is split.")
-    min_chunk_tokens: int = Field(default=env_int("EMBEDDING_MIN_CHUNK_TOKENS", 48), description="Smaller chunks are merged.")
+    min_chunk_tokens: int = Field(default=env_int("EMBEDDING_MIN_CHUNK_TOKENS", 48), description="Smallest chunk a cut may leave (a document's last chunk excepted).")
+    contextual: bool = Field(default=env_bool("EMBEDDING_CONTEXTUAL_CHUNKS", True), description="The model reads the document title and heading path before each chunk's text.")
 
 
 class DedupConfig(dg.Config):
@@ -151,6 +156,7 @@ def cleaned_documents(context: dg.AssetExecutionContext, warehouse: WarehouseRes
     group_name=GROUP,
     kinds={"duckdb"},
     pool=WAREHOUSE_POOL,
+    code_version=CHUNK_CODE_VERSION,
     description="Structure-aware chunks measured in the model's own tokens, never over its limit, with stable content-derived chunk ids and character offsets.",
 )
 def chunks(
@@ -161,7 +167,7 @@ def chunks(
     r = chunk_source(
         warehouse, context.partition_key,
         tokenizer=tokenizer, tokenizer_fingerprint=model.tokenizer_fingerprint(), max_tokens=max_tokens,
-        settings=ChunkingSettings(config.chunk_tokens, config.overlap_tokens, config.min_chunk_tokens),
+        settings=ChunkingSettings(config.chunk_tokens, config.overlap_tokens, config.min_chunk_tokens, config.contextual),
         progress=for_context(context),
     )
     return dg.MaterializeResult(
@@ -203,6 +209,7 @@ def deduped_chunks(context: dg.AssetExecutionContext, config: DedupConfig, wareh
     deps=[deduped_chunks],
     group_name=GROUP,
     kinds={"duckdb", "pytorch"},
+    code_version=CHUNK_CODE_VERSION,  # the model reads contextual text built by the chunker
     pool=WAREHOUSE_POOL,
     description="float32 L2-normalized vectors of the canonical chunks; only cache misses reach the model, which is loaded only when needed.",
 )

@@ -27,6 +27,7 @@ RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.; the usual default
 PER_DOCUMENT_OVERFETCH = 4
 SOURCE_FILTER_OVERFETCH = 8
 MIN_FUSION_CANDIDATES = 50
+FETCH_GROWTH = 4  # when the candidates held fewer than k hits, fetch this many times more
 
 
 class SearchError(ValueError):
@@ -106,22 +107,38 @@ def search_version(version: IndexVersion, query: str, vector: np.ndarray | None,
     if mode != "vector" and not version.has_lexical:
         raise SearchError(f"index {version.version} has no lexical index: search with mode 'vector' or rebuild it")
     wanted = k * (PER_DOCUMENT_OVERFETCH if per_document else 1) * (SOURCE_FILTER_OVERFETCH if source else 1)
-    ranked: list[tuple[int, float]] = []  # (row, score), best first
+    # Candidates are chunks; k documents (or k chunks of one source) may need more of them than the first
+    # guess when a few documents hold many of the best chunks: fetch more until k hits or every row was seen.
+    while True:
+        ranked, exhausted = _ranked(version, query, vector, wanted, mode)
+        hits = _hits(version, ranked, k, source=source, per_document=per_document)
+        if len(hits) >= k or exhausted or wanted >= version.count:
+            return hits
+        wanted *= FETCH_GROWTH
+
+
+def _ranked(version: IndexVersion, query: str, vector: np.ndarray | None, wanted: int,
+            mode: str) -> tuple[list[tuple[int, float]], bool]:
+    """(row, score) of up to ``wanted`` candidates per ranking, best first, fused in hybrid mode; and whether
+    every ranking returned fewer than asked (fetching more cannot find more)."""
+    ranked: list[tuple[int, float]] = []
+    fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
+    exhausted = True
     if mode in ("vector", "hybrid"):
         if vector is None:
             raise SearchError(f"mode {mode!r} needs the query vector")
-        fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
         query_vector = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
         scores, ids = version.search(query_vector, fetch)
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         rows = version.rows_of([i for i, _ in found]) if found else []
         ranked = [(int(r), s) for r, (_, s) in zip(rows, found)]
+        exhausted = len(found) < fetch
     if mode in ("lexical", "hybrid"):
-        fetch = max(wanted, MIN_FUSION_CANDIDATES) if mode == "hybrid" else wanted
         lexical_scores, lexical_rows = version.lexical_search(query, fetch)
         lexical = [(int(r), float(s)) for r, s in zip(lexical_rows, lexical_scores)]
+        exhausted = exhausted and len(lexical) < fetch
         ranked = lexical if mode == "lexical" else reciprocal_rank_fusion([ranked, lexical])
-    return _hits(version, ranked, k, source=source, per_document=per_document)
+    return ranked, exhausted
 
 
 def reciprocal_rank_fusion(rankings: list[list[tuple[int, float]]], k: int = RRF_K) -> list[tuple[int, float]]:

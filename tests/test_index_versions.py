@@ -322,9 +322,12 @@ def test_a_schema_1_warehouse_is_migrated_in_place(tmp_path):
         con.execute("DROP INDEX chunks_doc")
         con.execute("DROP INDEX chunks_source")
         con.execute("ALTER TABLE chunks DROP COLUMN page")
+        con.execute("ALTER TABLE chunks DROP COLUMN context")
+        con.execute("ALTER TABLE chunks DROP COLUMN embed_sha256")
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with warehouse.connect() as con:
-        assert con.execute("SELECT chunk_id, text, page FROM chunks").fetchall() == [("old", "kept", None)]
-        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("2",)]
+        assert con.execute("SELECT chunk_id, text, page, context, embed_sha256 FROM chunks").fetchall() == [
+            ("old", "kept", None, None, None)]
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("3",)]
         indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'chunks'").fetchall()}
         assert {"chunks_doc", "chunks_source"} <= indexes
