@@ -1,6 +1,6 @@
 """Edit locality of chunking: how many chunks a single-paragraph edit makes the pipeline embed again.
 
-    python -m benchmarks.edit_locality [--edits 50] [--pages N] [--seed 0]
+    python -m benchmarks.edit_locality [--edits 50] [--pages N] [--seed 0] [--settings 254,0,160] [--max-seq-length 256]
 
 Corpus: Debian's python3.11-doc HTML, cleaned by the project's cleaner. Each edit picks a random page
 and a random paragraph (text block) of it and either inserts a new paragraph after it (a paragraph
@@ -106,12 +106,17 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--settings", default=None, help="chunk_tokens,overlap_tokens,min_chunk_tokens (default: the defaults)")
+    parser.add_argument("--max-seq-length", type=int, default=None)
     args = parser.parse_args()
-    model = EmbeddingModelResource()
+    model = EmbeddingModelResource(max_seq_length=args.max_seq_length)
     tokenizer = AutoTokenizer.from_pretrained(str(model.model_path()))
     max_tokens = max_chunk_tokens(tokenizer, model.effective_max_seq_length())
-    result = measure(load_docs(args.corpus, args.pages), tokenizer, ChunkingSettings(), max_tokens, args.edits, args.seed)
-    print(result)
+    settings = ChunkingSettings(*(int(x) for x in args.settings.split(","))) if args.settings else ChunkingSettings()
+    docs = load_docs(args.corpus, args.pages)
+    chunks = sum(len(chunk_document(d, tokenizer, settings, max_tokens)) for d in docs)
+    result = measure(docs, tokenizer, settings, max_tokens, args.edits, args.seed)
+    print({"settings": settings, "max_tokens": max_tokens, "pages": len(docs), "chunks": chunks, **result})
 
 
 if __name__ == "__main__":
