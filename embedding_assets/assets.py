@@ -72,9 +72,9 @@ class RawDocumentsConfig(dg.Config):
 
 
 class ChunkingConfig(dg.Config):
-    chunk_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_TOKENS", 240), description="Max tokens per chunk.")
-    overlap_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_OVERLAP", 36), description="Overlap where a long section is split.")
-    min_chunk_tokens: int = Field(default=env_int("EMBEDDING_MIN_CHUNK_TOKENS", 48), description="Smallest chunk a cut may leave (a document's last chunk excepted).")
+    chunk_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_TOKENS", 254), description="Max tokens per chunk.")
+    overlap_tokens: int = Field(default=env_int("EMBEDDING_CHUNK_OVERLAP", 0), description="Tokens repeated after a cut inside a paragraph.")
+    min_chunk_tokens: int = Field(default=env_int("EMBEDDING_MIN_CHUNK_TOKENS", 160), description="Smallest chunk a cut may leave (a document's last chunk excepted).")
     contextual: bool = Field(default=env_bool("EMBEDDING_CONTEXTUAL_CHUNKS", True), description="The model reads the document title and heading path before each chunk's text.")
 
 

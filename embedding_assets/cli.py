@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--json", action="store_true", help="one JSON object per hit")
     find.add_argument("--source", default=None, metavar="NAME", help="only hits from this source")
     find.add_argument("--mode", default=None, choices=["vector", "lexical", "hybrid"],
-                      help="vector (default), lexical (BM25) or hybrid (both, reciprocal-rank fusion)")
+                      help="hybrid (default: vector and BM25 fused by reciprocal rank; vector on an index without BM25), vector or lexical")
     find.add_argument("--chunks", action="store_true", help="every matching chunk, not the best chunk per document")
     sub.add_parser("sources", help="list the sources found under EMBEDDING_SOURCES_DIR")
     rm = sub.add_parser("remove-source", help="delete a removed source's partition, rows and vectors")
@@ -382,14 +382,14 @@ def _remove_source(args) -> int:
 
 
 def _search(args) -> int:
-    from embedding_assets.search import DEFAULT_MODE, SearchError, search
+    from embedding_assets.search import SearchError, search
     from embedding_assets.settings import index_store_resource, model_resource
 
     if args.k < 1:
         raise CommandError("--k must be >= 1")
     try:
         hits = search(args.query, args.k, model=model_resource(), index_store=index_store_resource(), source=args.source,
-                      mode=args.mode or DEFAULT_MODE, per_document=not args.chunks)
+                      mode=args.mode, per_document=not args.chunks)
     except SearchError as exc:
         raise CommandError(str(exc)) from None
     for rank, hit in enumerate(hits, 1):

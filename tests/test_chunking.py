@@ -266,7 +266,7 @@ def test_chunking_fingerprint_changes_with_settings() -> None:
     base = chunking_fingerprint(ChunkingSettings(), "tok-abc", 254)
     assert base == chunking_fingerprint(ChunkingSettings(), "tok-abc", 254)
     assert base.startswith("chunker-")
-    assert base != chunking_fingerprint(ChunkingSettings(overlap_tokens=0), "tok-abc", 254)
+    assert base != chunking_fingerprint(ChunkingSettings(overlap_tokens=7), "tok-abc", 254)
     assert base != chunking_fingerprint(ChunkingSettings(), "tok-xyz", 254)
     assert base != chunking_fingerprint(ChunkingSettings(), "tok-abc", 126)
     # The text the model reads is part of it: contextual text on/off re-chunks (and re-embeds).

@@ -84,9 +84,9 @@ class ChunkingSettings:
     Defaults are the measured best (benchmarks/RESULTS.md, "Retrieval").
     """
 
-    chunk_tokens: int = 240
-    overlap_tokens: int = 36
-    min_chunk_tokens: int = 48
+    chunk_tokens: int = 254
+    overlap_tokens: int = 0
+    min_chunk_tokens: int = 160
     contextual: bool = True
 
 
