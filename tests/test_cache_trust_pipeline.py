@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import redis
 
+from embedding_assets.core.chunking import contextual_text
 from embedding_assets.core.identity import embedding_cache_key
 from embedding_assets.definitions import build_definitions
 from embedding_assets.stages import embeddings as embeddings_stage
@@ -41,13 +42,13 @@ def stored(pipeline, source: str) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def model_vectors(pipeline, source: str) -> dict[str, np.ndarray]:
-    rows = pipeline.rows(
-        "SELECT chunk_id, text FROM chunks JOIN chunk_dedup x USING (chunk_id) "
+    rows = pipeline.rows(  # what the model reads: the chunk's context (title, heading path), then its text
+        "SELECT chunk_id, text, context FROM chunks JOIN chunk_dedup x USING (chunk_id) "
         "WHERE chunks.source = ? AND x.status = 'canonical' ORDER BY chunk_id",
         [source],
     )
-    vectors, _ = pipeline.resources["model"].encode([t for _, t in rows])
-    return {cid: v for (cid, _), v in zip(rows, vectors)}
+    vectors, _ = pipeline.resources["model"].encode([contextual_text(c or "", t) for _, t, c in rows])
+    return {cid: v for (cid, _, _), v in zip(rows, vectors)}
 
 
 def assert_all_are_the_models(pipeline, source: str) -> None:
