@@ -37,7 +37,7 @@ LIVE_IDS = ("SELECT k.chunk_id, k.vector_id FROM chunks k JOIN chunk_dedup x USI
 DAGSTER_YAML = "storage:\n  postgres:\n    postgres_url:\n      env: DAGSTER_POSTGRES_URL\ntelemetry:\n  enabled: false\n"
 
 
-def _sources(shared: Path) -> Path:
+def deal_sources(shared: Path) -> Path:
     """The fixture corpus's 10 documents dealt into 6 source folders."""
     files = sorted(p for p in CORPUS.glob("*/*") if p.is_file())
     root = shared / "sources"
@@ -151,7 +151,7 @@ class LocalCluster:
                                         "--appendonly", "no", "--dir", str(self.work / "redis")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        self.sources = _sources(self.shared)
+        self.sources = deal_sources(self.shared)
         self._env = {
             **_base_env(), "EMBEDDING_WAREHOUSE_URL": self.warehouse_url, "EMBEDDING_INDEX_DIR": str(self.index_dir),
             "EMBEDDING_SOURCES_DIR": str(self.sources), "EMBEDDING_EXECUTOR": "celery", "EMBEDDING_CELERY_BROKER": redis_url,
