@@ -117,12 +117,35 @@ def explain(exc: BaseException) -> str | None:
             full = _disk_full(exc)
             return f"{where}{full}" if full else None
         return f"{where}{inner}"
+    if _connection_lost(exc):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (
+            f"a PostgreSQL connection was lost during the run (server restarted or unreachable): {first}; its unit of "
+            "work was rolled back and no partial index was published: run again once the server answers"
+        )
+    from embedding_assets.runner import StepFailedOnWorker
+
+    if isinstance(exc, StepFailedOnWorker):  # a step on a Celery worker: only its class name came back
+        expected = {cls.__name__ for cls in _expected_errors()}
+        return str(exc).strip().splitlines()[0] if exc.error_class in expected else None
     if isinstance(exc, _expected_errors()):
         message = str(exc)
         if "another index build is still running" in message:
             message += "; retry later, or set EMBEDDING_BUILD_LOCK_TIMEOUT_SECONDS to wait longer"
         return message
     return _disk_full(exc) or _os_error(exc)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A lost PostgreSQL connection (Dagster's instance storage or a worker's step, through SQLAlchemy,
+    psycopg or psycopg2): OperationalError raised here, or named by a step that failed on a worker."""
+    from embedding_assets.runner import StepFailedOnWorker
+
+    if isinstance(exc, StepFailedOnWorker):
+        return exc.error_class == "OperationalError"
+    return type(exc).__name__ == "OperationalError" and type(exc).__module__.split(".")[0] in (
+        "sqlalchemy", "psycopg", "psycopg2",
+    )  # fmt: skip
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

@@ -44,6 +44,30 @@ def broker_env_var() -> str:
     )
 
 
+DEFAULT_VISIBILITY_TIMEOUT_SECONDS = 3600  # Celery's own default for the Redis broker
+
+
+def visibility_timeout_seconds() -> int:
+    """EMBEDDING_CELERY_VISIBILITY_TIMEOUT_SECONDS: how long a step's task may stay unacknowledged before the
+    broker hands it to another worker. A worker that dies with its machine (SIGKILL, power cut) never
+    acknowledges its step; after this timeout a live worker runs the step again and the run goes on. Set it
+    above the longest step: a step still running past it is started a second time on another worker (the
+    stages are idempotent and serialized by the warehouse lock, so that wastes work but duplicates nothing)."""
+    raw = os.environ.get("EMBEDDING_CELERY_VISIBILITY_TIMEOUT_SECONDS", "").strip()
+    if not raw:
+        return DEFAULT_VISIBILITY_TIMEOUT_SECONDS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ExecutorSettingError(
+            f"EMBEDDING_CELERY_VISIBILITY_TIMEOUT_SECONDS={raw!r} is not a whole number of seconds >= 1 "
+            "(it must exceed the longest step; default 3600)"
+        )
+    return value
+
+
 def celery_app_args() -> dict:
     """The Celery app settings shared by the executor (submitting) and the workers (consuming)."""
     url = os.environ[broker_env_var()]
@@ -53,7 +77,18 @@ def celery_app_args() -> dict:
         "include": [],
         # A task is acknowledged after it ran: a worker killed mid-step leaves it to the run's failure
         # handling instead of silently losing it; prefetch 1 so a long step does not hold others back.
-        "config_source": {"task_acks_late": True, "worker_prefetch_multiplier": 1, "task_default_queue": DEFAULT_QUEUE},
+        # A task whose worker died unacknowledged goes back to the queue after the visibility timeout; the
+        # broker sweeps for such tasks every 10 s (kombu's default sweeps only every 10th interval: 100 s).
+        "config_source": {
+            "task_acks_late": True,
+            "worker_prefetch_multiplier": 1,
+            "task_default_queue": DEFAULT_QUEUE,
+            "broker_transport_options": {
+                "visibility_timeout": visibility_timeout_seconds(),
+                "unacked_restore_interval": 10,
+                "unacked_restore_throttle": 1,
+            },
+        },
     }
 
 
