@@ -26,9 +26,9 @@ run: $(STAMP)
 	$(BIN)/embedding-pipeline search "how do I descale the coffee machine" --k 3
 
 ## Install what the tests need (redis-server, chromium for the browser test, PostgreSQL for the second
-## warehouse backend and the cluster demo) and run the whole suite, test files spread over 3 processes.
+## warehouse backend and the cluster demo) and run the whole suite, tests spread over 3 processes.
 test: system-deps $(STAMP)
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal --durations=25
 
 system-deps:
 	@missing=""; \
