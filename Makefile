@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Keep torch pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: run test ui serve bench bench-quick install system-deps clean
+.PHONY: run test ui serve bench bench-quick install system-deps clean cluster-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,17 @@ run: $(STAMP)
 	$(BIN)/embedding-pipeline materialize
 	$(BIN)/embedding-pipeline search "how do I descale the coffee machine" --k 3
 
-## Install what the tests need (redis-server, chromium for the browser test) and run the whole suite.
+## Install what the tests need (redis-server, chromium for the browser test, PostgreSQL for the second
+## warehouse backend and the cluster demo) and run the whole suite, tests spread over 3 processes.
 test: system-deps $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal --durations=25
 
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -58,3 +60,7 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(EMBEDDING_HOME)
+
+## PostgreSQL + Redis + two Celery workers on loopback: backfill 6 sources, compare with an embedded run (JSON).
+cluster-demo: system-deps $(STAMP)
+	$(BIN)/python -m embedding_assets.cluster.demo

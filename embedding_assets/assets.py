@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Iterator
 
 import dagster as dg
+
+from embedding_assets.cluster.executor import GPU_QUEUE, QUEUE_TAG
 from pydantic import Field
 
 from embedding_assets.checks import (
@@ -211,6 +213,7 @@ def deduped_chunks(context: dg.AssetExecutionContext, config: DedupConfig, wareh
     kinds={"duckdb", "pytorch"},
     code_version=CHUNK_CODE_VERSION,  # the model reads contextual text built by the chunker
     pool=WAREHOUSE_POOL,
+    op_tags={QUEUE_TAG: GPU_QUEUE},  # the Celery executor sends this step to GPU workers (ignored in-process)
     description="float32 L2-normalized vectors of the canonical chunks; only cache misses reach the model, which is loaded only when needed.",
 )
 def embeddings(

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    work = sub.add_parser("worker", help="run a Celery worker for the pipeline's steps (EMBEDDING_EXECUTOR=celery)")
+    work.add_argument("--name", default=None, help="worker name (default: embedding@<host>)")
+    work.add_argument("--queue", action="append", default=[], metavar="NAME",
+                      help="queue to take steps from; repeatable (default: dagster and gpu)")
+    work.add_argument("--concurrency", type=int, default=1, help="steps at a time (default 1: one per GPU)")
     args = parser.parse_args(argv)
     try:
         if args.command == "materialize":
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             return _remove_source(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "worker":
+            from embedding_assets.cluster.worker import run_worker
+
+            return run_worker(name=args.name, queues=args.queue, concurrency=args.concurrency)
         return _sources()
     except KeyboardInterrupt:
         return 130
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, CommandError) else EXIT_FAILED
+        return _exit_code(exc)
 
 
 class CommandError(Exception):
@@ -80,6 +89,15 @@ class CommandError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def _exit_code(exc: BaseException) -> int:
+    """2 for bad input or a bad EMBEDDING_* setting (as argparse and ``serve`` answer), else 1."""
+    from embedding_assets.settings import SettingError
+
+    if isinstance(exc, CommandError):
+        return exc.exit_code
+    return EXIT_USAGE if any(isinstance(e, SettingError) for e in _chain(exc)) else EXIT_FAILED
 
 
 def explain(exc: BaseException) -> str | None:
@@ -99,12 +117,35 @@ def explain(exc: BaseException) -> str | None:
             full = _disk_full(exc)
             return f"{where}{full}" if full else None
         return f"{where}{inner}"
+    if _connection_lost(exc):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (
+            f"a PostgreSQL connection was lost during the run (server restarted or unreachable): {first}; its unit of "
+            "work was rolled back and no partial index was published: run again once the server answers"
+        )
+    from embedding_assets.runner import StepFailedOnWorker
+
+    if isinstance(exc, StepFailedOnWorker):  # a step on a Celery worker: only its class name came back
+        expected = {cls.__name__ for cls in _expected_errors()}
+        return str(exc).strip().splitlines()[0] if exc.error_class in expected else None
     if isinstance(exc, _expected_errors()):
         message = str(exc)
         if "another index build is still running" in message:
             message += "; retry later, or set EMBEDDING_BUILD_LOCK_TIMEOUT_SECONDS to wait longer"
         return message
     return _disk_full(exc) or _os_error(exc)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A lost PostgreSQL connection (Dagster's instance storage or a worker's step, through SQLAlchemy,
+    psycopg or psycopg2): OperationalError raised here, or named by a step that failed on a worker."""
+    from embedding_assets.runner import StepFailedOnWorker
+
+    if isinstance(exc, StepFailedOnWorker):
+        return exc.error_class == "OperationalError"
+    return type(exc).__name__ == "OperationalError" and type(exc).__module__.split(".")[0] in (
+        "sqlalchemy", "psycopg", "psycopg2",
+    )  # fmt: skip
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -180,6 +221,13 @@ def _full_folder(named: list[Path]) -> Path:
     return candidates[0]
 
 
+def _no_space_left(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 def _os_error(exc: BaseException) -> str | None:
     """A file-system refusal (permissions, read-only, a file where a folder belongs), naming the path."""
     if not isinstance(exc, OSError) or exc.errno not in _OS_REMEDIES:
@@ -227,6 +275,8 @@ def _instance():
     except Exception as exc:  # noqa: BLE001 - a damaged dagster.yaml or instance storage; Dagster's own types vary
         if _disk_full(exc):
             raise
+        if _no_space_left(dagster_home):  # SQLite reports a full disk as "disk I/O error" when it cannot grow
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dagster_home)) from exc
         raise CommandError(
             f"cannot open the Dagster instance in {dagster_home} (DAGSTER_HOME): {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}: fix or move aside {config} "

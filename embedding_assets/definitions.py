@@ -4,6 +4,7 @@ automation sensor, the nightly reindex schedule and resources (loaded by `dagste
 import dagster as dg
 
 from embedding_assets.assets import PIPELINE_ASSETS
+from embedding_assets.cluster.executor import pipeline_executor
 from embedding_assets.jobs import build_index_job, ingest_source_job
 from embedding_assets.schedules import nightly_reindex
 from embedding_assets.sensors import index_freshness_sensor, sources_sensor
@@ -18,11 +19,17 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
         sensors=[sources_sensor, index_freshness_sensor],
         schedules=[nightly_reindex],
         resources=resources if resources is not None else build_resources(),
-        # A run's steps form a chain that shares the model and the warehouse lock: running them in one
-        # process loads the model once per run instead of once per step. Runs themselves still go to
-        # separate processes (the run launcher), so partitions run in parallel.
-        executor=dg.in_process_executor,
+        # In-process by default (one machine); EMBEDDING_EXECUTOR=celery fans steps out to workers.
+        executor=pipeline_executor(),
     )
 
 
 defs = build_definitions()
+
+
+def INGEST_JOB() -> dg.JobDefinition:  # noqa: N802 - module-level targets of dg.reconstructable (Celery workers)
+    return defs.resolve_job_def("ingest_source")
+
+
+def INDEX_JOB() -> dg.JobDefinition:  # noqa: N802
+    return defs.resolve_job_def("build_index")

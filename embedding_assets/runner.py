@@ -36,6 +36,14 @@ class RunFailed(RuntimeError):
         self.source = source
 
 
+class StepFailedOnWorker(RuntimeError):
+    """A step failed on a Celery worker: only its exception's class name and message came back."""
+
+    def __init__(self, message: str, error_class: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
 def ensure_partitions(instance: dg.DagsterInstance, names: list[str]) -> list[str]:
     """Add the dynamic partitions of ``names`` that do not exist yet; returns those this call added."""
     new = [n for n in names if not instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n)]
@@ -115,6 +123,10 @@ def materialize_index(
 def _execute(job, instance, run_config, partition_key: str | None = None) -> dict[str, dict[str, Any]]:
     release_dead_runs(instance)
     tags = run_tags()
+    from embedding_assets.cluster.executor import executor_name
+
+    if executor_name() == "celery":
+        return _execute_on_workers(job.name, instance, run_config, partition_key, tags)
     try:
         result = job.execute_in_process(instance=instance, run_config=run_config, partition_key=partition_key, tags=tags)
     except Exception as exc:  # noqa: BLE001 - execute_in_process re-raises the user code's own exception
@@ -122,6 +134,32 @@ def _execute(job, instance, run_config, partition_key: str | None = None) -> dic
         where = f" (source {partition_key})" if partition_key else ""
         raise RunFailed(f"{type(cause).__name__}{where}: {cause}", cause, partition_key) from exc
     return materializations(result)
+
+
+def _execute_on_workers(job_name: str, instance, run_config, partition_key, tags) -> dict[str, dict[str, Any]]:
+    """Run the code location's job through its Celery executor: this process submits the steps and waits;
+    the workers run them (they rebuild the job from ``embedding_assets.definitions``)."""
+    from embedding_assets import definitions
+
+    recon = dg.reconstructable(definitions.INGEST_JOB if job_name == "ingest_source" else definitions.INDEX_JOB)
+    if partition_key is not None:
+        tags = {**tags, "dagster/partition": partition_key}
+    with dg.execute_job(recon, instance=instance, run_config=run_config, tags=tags) as result:
+        if not result.success:
+            failure = next((e for e in result.all_events if e.is_step_failure), None)
+            error = _user_error(failure.step_failure_data.error) if failure else None
+            cause = error.message.strip() if error else "the run failed"
+            where = f" (source {partition_key})" if partition_key else ""
+            remote = StepFailedOnWorker(cause, error.cls_name) if error else None
+            raise RunFailed(f"run {result.run_id}{where}: {cause}", remote, partition_key)
+        return materializations(result)
+
+
+def _user_error(error):
+    """The user code's own error inside Dagster's wrappers (DagsterExecutionStepExecutionError -> cause)."""
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    return error
 
 
 def materializations(result) -> dict[str, dict[str, Any]]:

@@ -74,9 +74,17 @@ def model_resource() -> EmbeddingModelResource:
     )
 
 
+def warehouse_url():
+    """``EMBEDDING_WAREHOUSE_URL`` (postgresql://...; it may hold a password, so bound as an EnvVar), or None for DuckDB."""
+    return dg.EnvVar("EMBEDDING_WAREHOUSE_URL") if os.environ.get("EMBEDDING_WAREHOUSE_URL", "").strip() else None
+
+
 def index_store_resource() -> IndexStoreResource:
+    index_dir = os.environ.get("EMBEDDING_INDEX_DIR", "").strip()
     return IndexStoreResource(
         home=str(home_dir()),
+        index_dir=str(Path(index_dir).expanduser().resolve()) if index_dir else None,
+        lock_url=warehouse_url(),
         keep_versions=env_int("EMBEDDING_KEEP_INDEX_VERSIONS", 3),
         build_lock_timeout_seconds=env_float("EMBEDDING_BUILD_LOCK_TIMEOUT_SECONDS", 3600.0),
     )
@@ -109,7 +117,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             root=str(sources_dir()), max_file_bytes=env_int("EMBEDDING_MAX_FILE_BYTES", 20 * 1024 * 1024)
         ),
         "warehouse": WarehouseResource(
-            home=home, lock_timeout_seconds=env_float("EMBEDDING_LOCK_TIMEOUT_SECONDS", 900.0)
+            home=home, url=warehouse_url(), lock_timeout_seconds=env_float("EMBEDDING_LOCK_TIMEOUT_SECONDS", 900.0)
         ),
         "index_store": index_store_resource(),
         "model": model_resource(),

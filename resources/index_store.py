@@ -8,6 +8,10 @@ Layout::
     {home}/index/build.lock              held for a whole build: at most one build at a time
     {home}/index/publish.lock            held while CURRENT moves and old versions are pruned
 
+The folder can be elsewhere (``index_dir``, EMBEDDING_INDEX_DIR: a shared filesystem for a cluster). With
+``lock_url`` (the PostgreSQL warehouse) the two locks are PostgreSQL advisory locks instead of lock files,
+so builds on different machines exclude each other too.
+
 A version is written into a staging folder, its files' sizes and sha256 go into the manifest, the folder
 is fsynced, renamed into ``versions/`` and only then named in ``CURRENT``; a reader sees the old version or
 the new one, never a half-written one, and a crash at any point leaves the last published version loadable.
@@ -69,10 +73,20 @@ class IndexStoreResource(ConfigurableResource):
     build_lock_timeout_seconds: float = Field(
         default=3600.0, description="How long a build waits for another build of the same home to finish."
     )
+    index_dir: str | None = Field(
+        default=None,
+        description="Where versions live (EMBEDDING_INDEX_DIR), default `{home}/index`; on several machines a "
+        "shared folder every worker and search process sees.",
+    )
+    lock_url: str | None = Field(
+        default=None,
+        description="postgresql://... (EMBEDDING_WAREHOUSE_URL): builds and publishes lock in PostgreSQL (advisory "
+        "locks), so no two builds on any machines publish at once; unset: lock files under the index folder.",
+    )
 
     @property
     def root(self) -> Path:
-        return Path(self.home) / "index"
+        return Path(self.index_dir) if self.index_dir else Path(self.home) / "index"
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -165,10 +179,20 @@ class IndexStoreResource(ConfigurableResource):
         """Held for a whole build, snapshot to publish: builds of one home run one at a time, in order."""
         self._mkdir(self.root)
         try:
-            with file_lock(self.root / "build.lock", exclusive=True, timeout=self.build_lock_timeout_seconds):
+            with self._lock("build", timeout=self.build_lock_timeout_seconds):
                 yield
         except LockTimeout as exc:
             raise IndexStoreError(f"{exc}: another index build is still running") from None
+
+    def _lock(self, name: str, *, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """The ``build`` or ``publish`` lock: a PostgreSQL advisory lock with ``lock_url`` (every machine sees
+        it, and a killed holder's session lets it go), else an flock on ``{root}/{name}.lock`` (one machine)."""
+        if self.lock_url:
+            from resources.warehouse import resolved_url
+            from resources.warehouse.postgres_backend import advisory_lock
+
+            return advisory_lock(resolved_url(self.lock_url), f"index_{name}", timeout=timeout)  # one deployment per database
+        return file_lock(self.root / f"{name}.lock", exclusive=True, timeout=timeout)
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
@@ -211,7 +235,7 @@ class IndexStoreResource(ConfigurableResource):
                 _fsync_dir(folder)
             versions = self.root / "versions"
             versions.mkdir(parents=True, exist_ok=True)
-            with file_lock(self.root / "publish.lock", exclusive=True, timeout=300):
+            with self._lock("publish", timeout=300):
                 final = versions / version
                 os.rename(scratch, final)
                 _fsync_dir(versions)

@@ -124,3 +124,89 @@ def instance():
 
     with dg.instance_for_test() as inst:
         yield inst
+
+
+# --------------------------------------------------------------------------- real PostgreSQL (warehouse backends)
+
+# Integration tests that take the `warehouse_backend` fixture run once per backend.
+WAREHOUSE_BACKENDS = ("duckdb", "postgresql")
+
+
+class LazyPostgres:
+    """One real PostgreSQL server on a free loopback port in a temporary folder, started on first use."""
+
+    def __init__(self):
+        self._server = None
+        self._folder: Path | None = None
+
+    def get(self):
+        import tempfile
+
+        from embedding_assets.cluster.postgres_server import PostgresServer, PostgresUnavailable
+
+        if self._server is None:
+            # Not under pytest's tmp dirs: those are private to root, and the server runs as `postgres`.
+            folder = Path(tempfile.mkdtemp(prefix="embedding-pg-"))
+            folder.chmod(0o755)
+            try:
+                server = PostgresServer(folder / "cluster")
+            except PostgresUnavailable as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                pytest.skip(str(exc))
+            self._folder = folder
+            server.start()
+            self._server = server
+        return self._server
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop("immediate")
+            self._server = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _lazy_postgres():
+    holder = LazyPostgres()
+    yield holder
+    holder.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(_lazy_postgres):
+    """The session's real PostgreSQL server (``.url(db)``, ``.create_database(name)``, ``.restart()``, ``.port``);
+    skips with the reason when the server binaries are not installed."""
+    return _lazy_postgres.get()
+
+
+@pytest.fixture(scope="module", params=WAREHOUSE_BACKENDS)
+def warehouse_backend(request) -> str:
+    """``"duckdb"`` or ``"postgresql"``: a module's tests run once per warehouse backend."""
+    return request.param
+
+
+class WarehouseDatabases:
+    """Fresh warehouses per backend: ``new(backend)`` is a new PostgreSQL database's URL, or None (DuckDB under
+    the pipeline's home); ``clone(url)`` copies one (for DuckDB copying the home is the copy)."""
+
+    def __init__(self, postgres: LazyPostgres):
+        self._postgres = postgres
+        self._count = 0
+
+    def new(self, backend: str) -> str | None:
+        if backend == "duckdb":
+            return None
+        self._count += 1
+        return self._postgres.get().create_database(f"warehouse_{self._count}")
+
+    def clone(self, url: str | None) -> str | None:
+        if url is None:
+            return None
+        self._count += 1
+        return self._postgres.get().clone_database(url.rsplit("/", 1)[1], f"warehouse_{self._count}")
+
+
+@pytest.fixture(scope="session")
+def warehouse_databases(_lazy_postgres) -> WarehouseDatabases:
+    return WarehouseDatabases(_lazy_postgres)

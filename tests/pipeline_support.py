@@ -1,4 +1,4 @@
-"""Shared helpers for tests that run the real asset graph (real model, real DuckDB, temp home)."""
+"""Shared helpers for tests that run the real asset graph (real model, real DuckDB or PostgreSQL, temp home)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ class Pipeline:
         return search(query, k, model=self.resources["model"], index_store=self.resources["index_store"])
 
 
-def make_pipeline(tmp_path: Path, instance: dg.DagsterInstance, *, redis_url: str | None = None, copy_corpus=True, **model_kwargs) -> Pipeline:
+def make_pipeline(tmp_path: Path, instance: dg.DagsterInstance, *, redis_url: str | None = None, copy_corpus=True,
+                  warehouse_url: str | None = None, **model_kwargs) -> Pipeline:
+    """A pipeline under ``tmp_path``; ``warehouse_url`` (postgresql://...) puts its warehouse in PostgreSQL."""
     sources_root = tmp_path / "sources"
     home = tmp_path / "home"
     if copy_corpus:
@@ -66,7 +68,7 @@ def make_pipeline(tmp_path: Path, instance: dg.DagsterInstance, *, redis_url: st
         sources_root.mkdir(parents=True, exist_ok=True)
     resources = {
         "sources": DocumentSourcesResource(root=str(sources_root)),
-        "warehouse": WarehouseResource(home=str(home)),
+        "warehouse": WarehouseResource(home=str(home), url=warehouse_url),
         "index_store": IndexStoreResource(home=str(home)),
         "model": EmbeddingModelResource(**model_kwargs),
         "cache": EmbeddingCacheResource(home=str(home), redis_url=redis_url, redis_retry_seconds=0.5),

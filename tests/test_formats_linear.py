@@ -1,12 +1,14 @@
-"""Linear time on any input: every format's adversarial inputs, doubled, must take at most ~2x as long.
+"""Linear time on any input: every format's adversarial inputs, doubled twice, must take at most ~4x as long.
 
-Each case is timed at size n and 2n (best of three runs, after a warm-up); a quadratic parser shows a
-ratio near 4, a linear one near 2. The bound, 3.0, leaves room for noise on a shared machine. The
-sizes are chosen so the larger input takes a few tens of milliseconds or more.
+Each case is timed at size n and 4n (two doublings), the two sizes interleaved, best of three runs each,
+after a warm-up, in CPU time of this process; a quadratic parser shows a ratio near 16, a linear one near 4. The bound, 7.0, lies
+halfway on a log scale (a parser worse than n^1.4 fails) and leaves room for the noise of a shared
+machine, where a single doubling measured at a few milliseconds swung from 2x to 3.5x.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from embedding_assets.core.cleaning import CleaningError, clean_document
 from tests.test_formats import make_docx_text, make_pdf
 
-MAX_RATIO = 3.0
+MAX_RATIO = 7.0
+GROWTH = 4  # the large input is GROWTH times the small one
 
 CASES: dict[str, dict[str, object]] = {
     ".md": {
@@ -61,15 +64,13 @@ SIZES = {".md": 4000, ".html": 8000, ".rst": 2000, ".txt": 20000, ".pdf": 8000, 
 
 
 def _seconds(data: bytes, suffix: str) -> float:
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        try:
-            clean_document(data, suffix)
-        except CleaningError:
-            pass  # refusing an input is an answer too; only its time matters here
-        best = min(best, time.perf_counter() - started)
-    return best
+    """CPU seconds of this process: other processes on the shared machine do not count (wall time did)."""
+    started = time.process_time()
+    try:
+        clean_document(data, suffix)
+    except CleaningError:
+        pass  # refusing an input is an answer too; only its time matters here
+    return time.process_time() - started
 
 
 @pytest.mark.parametrize(
@@ -83,8 +84,23 @@ def test_doubling_an_adversarial_input_at_most_doubles_the_time(suffix: str, cas
         value = make(size)
         return value if isinstance(value, bytes) else value.encode()
 
-    small, large = data(n), data(2 * n)
+    small, large = data(n), data(GROWTH * n)
     clean_document(b"Warm up the language model and the parsers first.", ".txt")
     _seconds(small, suffix)
-    ratio = _seconds(large, suffix) / max(_seconds(small, suffix), 1e-3)
-    assert ratio < MAX_RATIO, f"{suffix} {case}: doubling the input multiplied the time by {ratio:.2f}"
+    small_best = large_best = float("inf")
+    # Garbage collection off while timing (as timeit does): a full collection walks every object of the
+    # process, so in a pytest worker that already holds models and indexes it grows with that heap, not
+    # with the input (under a loaded 3-worker run, 4x inputs measured 7-12x slower with it on).
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):  # interleaved: a burst of load on the shared machine hits both sizes alike
+            small_best = min(small_best, _seconds(small, suffix))
+            large_best = min(large_best, _seconds(large, suffix))
+    finally:
+        gc.enable()
+    ratio = large_best / max(small_best, 1e-3)
+    assert ratio < MAX_RATIO, (
+        f"{suffix} {case}: {GROWTH}x the input multiplied the time by {ratio:.2f} "
+        f"({small_best * 1000:.1f} ms -> {large_best * 1000:.1f} ms)"
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 from embedding_assets.core import formats
 from embedding_assets.core.formats import format_for
 from embedding_assets.stages.cleaned_documents import clean_source
@@ -52,7 +54,9 @@ def test_changing_one_format_recleans_only_its_documents(tmp_path, monkeypatch):
     assert again.cleaned == 2 and again.unchanged == 4
 
 
-def test_a_document_over_the_time_budget_is_quarantined_and_the_source_goes_on(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_document_over_the_time_budget_is_quarantined_and_the_source_goes_on(tmp_path, monkeypatch, workers):
+    monkeypatch.setenv("EMBEDDING_CLEAN_WORKERS", workers)
     # About 3 MB of Markdown takes seconds to parse: far over a 0.5 s budget, which only a killed worker can enforce.
     big = ("## Section\n\n" + "Some *emphasis* and `code` in a [link](http://x) paragraph.\n\n" * 50).encode() * 1000
     warehouse = _source(tmp_path, {"a-big.md": big, "b-small.txt": PARAGRAPH.encode(), "c-small.pdf": shore_guide_pdf()})
@@ -73,3 +77,20 @@ def test_the_worker_reports_cleaning_errors_with_their_reason(tmp_path):
     assert report.cleaned == 1
     assert len(report.quarantined) == 1 and report.quarantined[0][0] == "bad.pdf"
     assert report.quarantined[0][1].startswith("corrupt or unreadable PDF")
+
+
+def test_documents_cleaned_by_two_workers_land_on_their_own_rows(tmp_path, monkeypatch):
+    """Outcomes come back in the documents' order whichever worker finished first: each row holds its
+    own document's text, and the quarantined one is named with its own reason."""
+    monkeypatch.setenv("EMBEDDING_CLEAN_WORKERS", "2")
+    files = {f"doc-{i:02d}.md": f"# Page {i}\n\nPage number {i} says: {PARAGRAPH}\n".encode() for i in range(40)}
+    files["doc-17.pdf"] = b"%PDF-1.7\n" + bytes(range(256)) * 8
+    warehouse = _source(tmp_path, files)
+    report = clean_source(warehouse, "docs", seconds_per_document=30)
+    assert report.cleaned == 40 and [q[0] for q in report.quarantined] == ["doc-17.pdf"]
+    rows = warehouse.query_rows(
+        "SELECT d.relative_path, c.title, c.text FROM cleaned_documents c JOIN documents d USING (doc_id)")
+    assert len(rows) == 40
+    for path, title, text in rows:
+        number = int(path[4:6])
+        assert title == f"Page {number}" and f"Page number {number} says" in text

@@ -20,21 +20,25 @@ CHESS_QUERY = next(q["query"] for q in QUERIES if "chess" in q["expected_path"])
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, instance):
-    pipeline = make_pipeline(tmp_path_factory.mktemp("base"), instance)
+def base(tmp_path_factory, instance, warehouse_backend, warehouse_databases):
+    pipeline = make_pipeline(
+        tmp_path_factory.mktemp("base"), instance, warehouse_url=warehouse_databases.new(warehouse_backend)
+    )
     pipeline.run_all()
     return pipeline
 
 
 @pytest.fixture
-def pipe(base, tmp_path, instance):
+def pipe(base, tmp_path, instance, warehouse_databases):
     """A copy of the base state: same sources, same warehouse, cache and published index."""
     shutil.copytree(base.sources_root, tmp_path / "sources")
     shutil.copytree(base.home, tmp_path / "home")
-    return make_pipeline(tmp_path, instance, copy_corpus=False)
+    return make_pipeline(tmp_path, instance, copy_corpus=False, warehouse_url=warehouse_databases.clone(base.warehouse.url))
 
 
 def table_digest(pipe, table: str) -> tuple:
+    if pipe.warehouse.backend == "postgresql":
+        return pipe.rows(f"SELECT count(*), sum(hashtextextended(t::text, 0)) FROM {table} t")[0]
     return pipe.rows(f"SELECT count(*), sum(hash(COLUMNS(*))) FROM {table}")[0]
 
 
@@ -185,7 +189,7 @@ def test_cleaner_version_invalidates_cleaning_only_as_far_as_output_changes(pipe
 
 
 def test_model_settings_invalidate_embeddings(pipe, tmp_path, instance):
-    other = make_pipeline(tmp_path, instance, copy_corpus=False, max_seq_length=128)
+    other = make_pipeline(tmp_path, instance, copy_corpus=False, max_seq_length=128, warehouse_url=pipe.warehouse.url)
     report = other.run_source("alpha")
     assert report["chunks"]["documents_chunked"] == 6  # the token limit is part of the chunking fingerprint
     live = report["embeddings"]["row_count"]

@@ -21,8 +21,8 @@ def instance():
 
 
 @pytest.mark.slow
-def test_remove_source_deletes_rows_partition_and_vectors(tmp_path, instance):
-    pipeline = make_pipeline(tmp_path, instance)
+def test_remove_source_deletes_rows_partition_and_vectors(tmp_path, instance, warehouse_backend, warehouse_databases):
+    pipeline = make_pipeline(tmp_path, instance, warehouse_url=warehouse_databases.new(warehouse_backend))
     pipeline.run_all()
     tables = ["documents", "skipped_files", "quarantine", "cleaned_documents", "chunked_documents", "chunks",
               "chunk_dedup", "embeddings", "quantized_embeddings"]  # fmt: skip

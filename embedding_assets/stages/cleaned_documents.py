@@ -8,8 +8,8 @@ run goes on.
 
 The budget is enforced by cleaning in a worker process that is killed when a document overruns it:
 a parser stuck inside C code (a regular expression, lxml, lexbor) cannot be interrupted from Python
-in the same process. The worker is started once per process and reused; a budget of 0 cleans in
-this process without a limit.
+in the same process. Workers (``EMBEDDING_CLEAN_WORKERS``, default one per core) are started once per
+process and reused, each cleaning its own documents; a budget of 0 cleans in this process without a limit.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import queue
+import re
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -75,23 +78,18 @@ def clean_source(
     with warehouse.connect() as con:
         # Rows whose document is gone or changed, under any fingerprint, are stale.
         report.stale_removed = _delete_stale(con, source)
-        pending = [
-            row[0]
-            for row in con.execute(
-                """WITH fp AS (SELECT unnest(?::VARCHAR[]) AS suffix, unnest(?::VARCHAR[]) AS fingerprint)
-                   SELECT d.doc_id FROM documents d LEFT JOIN fp ON fp.suffix = d.suffix
-                   WHERE d.source = ?
-                     AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = d.doc_id
-                                     AND c.content_sha256 = d.content_sha256 AND c.cleaning_fingerprint = fp.fingerprint)
-                     AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.doc_id = d.doc_id AND q.stage = 'cleaned_documents'
+        candidates = con.execute(
+            """WITH fp AS (SELECT unnest(?::VARCHAR[]) AS suffix, unnest(?::VARCHAR[]) AS fingerprint)
+               SELECT d.doc_id, q.reason FROM documents d LEFT JOIN fp ON fp.suffix = d.suffix
+               LEFT JOIN quarantine q ON q.doc_id = d.doc_id AND q.stage = 'cleaned_documents'
                                      AND q.content_sha256 = d.content_sha256
-                                     -- a document over the time budget is tried again once the budget is raised
-                                     AND coalesce(TRY_CAST(regexp_extract(q.reason, '^cleaning took longer than ([0-9.e+-]+) s', 1)
-                                                           AS DOUBLE) >= ?, TRUE))
-                   ORDER BY d.relative_path""",
-                [suffixes, [fps[x] for x in suffixes], source, budget if budget > 0 else float("inf")],
-            ).fetchall()
-        ]
+               WHERE d.source = ?
+                 AND NOT EXISTS (SELECT 1 FROM cleaned_documents c WHERE c.doc_id = d.doc_id
+                                 AND c.content_sha256 = d.content_sha256 AND c.cleaning_fingerprint = fp.fingerprint)
+               ORDER BY d.relative_path""",
+            [suffixes, [fps[x] for x in suffixes], source],
+        ).fetchall()
+        pending = _to_clean(candidates, budget)
         total = con.execute("SELECT count(*) FROM documents WHERE source = ?", [source]).fetchone()[0]
     report.unchanged = total - len(pending)
 
@@ -104,11 +102,10 @@ def clean_source(
         )
         rows: list[dict] = []
         bad: list[tuple[str, str, str, str]] = []
-        for doc_id, rel, suffix, sha, content in docs:
-            try:
-                cleaned = _clean(bytes(content), suffix, budget)
-            except CleaningError as exc:
-                bad.append((doc_id, rel, str(exc), sha))
+        outcomes = _clean_all([(bytes(content), suffix) for _, _, suffix, _, content in docs], budget)
+        for (doc_id, rel, suffix, sha, _), cleaned in zip(docs, outcomes):
+            if isinstance(cleaned, CleaningError):
+                bad.append((doc_id, rel, str(cleaned), sha))
                 continue
             report.cleaned += 1
             report.warnings += len(cleaned.warnings)
@@ -150,6 +147,27 @@ def clean_source(
     return report
 
 
+# The reason a document over the time budget was quarantined with (see ``_Worker.clean``).
+_OVER_BUDGET = re.compile(r"^cleaning took longer than ([0-9.e+-]+) s")
+
+
+def _to_clean(candidates: list[tuple[str, str | None]], budget: float) -> list[str]:
+    """Doc ids to clean, in order, from (doc_id, quarantine reason of its current content or None).
+
+    A quarantined document is not tried again, except one that was over the time budget when the
+    budget has been raised past what it took (a budget of 0 means none).
+    """
+    limit = budget if budget > 0 else float("inf")
+    out: dict[str, None] = {}
+    for doc_id, reason in candidates:
+        if reason is not None:
+            over = _OVER_BUDGET.match(reason)
+            if over is None or float(over.group(1)) >= limit:
+                continue
+        out[doc_id] = None
+    return list(out)
+
+
 def _blocks_json(blocks) -> str:
     """The blocks column: one object per block with the ``Block`` fields (``dataclasses.asdict`` deep-copies
     every value and was a third of this stage's time)."""
@@ -181,11 +199,74 @@ def _delete_stale(con, source: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _clean(data: bytes, suffix: str, budget: float) -> CleanedDocument:
+def clean_workers_setting() -> int:
+    """``EMBEDDING_CLEAN_WORKERS``: cleaning worker processes (default 0 = one per core, at most 4)."""
+    from embedding_assets.settings import SettingError, env_int
+
+    value = env_int("EMBEDDING_CLEAN_WORKERS", 0)
+    if value < 0:
+        raise SettingError(f"EMBEDDING_CLEAN_WORKERS={value} must be >= 0 (0 = one per core)")
+    return value or max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _clean_all(items: list[tuple[bytes, str]], budget: float) -> list[CleanedDocument | CleaningError]:
+    """Each (data, suffix) cleaned, in order: a CleanedDocument or the CleaningError that quarantines it.
+
+    With a budget the documents are shared among the pool's worker processes (each document still has
+    its own budget, in its own worker); without one they are cleaned here, one after the other.
+    """
     if budget <= 0:
-        return clean_document(data, suffix)
-    with _WORKER_LOCK:
-        return _WORKER.clean(data, suffix, budget)
+        return [_outcome(clean_document, data, suffix) for data, suffix in items]
+    workers = _POOL.take(min(clean_workers_setting(), len(items)))
+    try:
+        if len(workers) == 1:
+            return [_outcome(workers[0].clean, data, suffix, budget) for data, suffix in items]
+        free: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        for worker in workers:
+            free.put(worker)
+
+        def one(item: tuple[bytes, str]) -> CleanedDocument | CleaningError:
+            worker = free.get()
+            try:
+                return _outcome(worker.clean, item[0], item[1], budget)
+            finally:
+                free.put(worker)
+
+        with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="clean") as threads:
+            return list(threads.map(one, items))
+    finally:
+        _POOL.give_back(workers)
+
+
+def _outcome(fn, *args) -> CleanedDocument | CleaningError:
+    try:
+        return fn(*args)
+    except CleaningError as exc:
+        return exc
+
+
+class _Pool:
+    """Idle workers kept across batches and runs of this process; a caller takes some and gives them back
+    (two stages cleaning at once in one process each get their own)."""
+
+    def __init__(self) -> None:
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> list[_Worker]:
+        with self._lock:
+            taken, self._idle = self._idle[:n], self._idle[n:]
+        return taken + [_Worker() for _ in range(max(1, n) - len(taken))]
+
+    def give_back(self, workers: list[_Worker]) -> None:
+        with self._lock:
+            self._idle.extend(workers)
+
+    def stop(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.stop()
 
 
 class _Worker:
@@ -253,6 +334,5 @@ class _Worker:
         return value
 
 
-_WORKER = _Worker()
-_WORKER_LOCK = threading.Lock()
-atexit.register(_WORKER.stop)
+_POOL = _Pool()
+atexit.register(_POOL.stop)

@@ -178,16 +178,11 @@ def _match_against_corpus(con, signatures: np.ndarray, keys: np.ndarray, setting
     if not len(signatures):
         return result
     n, bands = keys.shape
-    probe = {"row": np.repeat(np.arange(n), bands), "band_key": keys.reshape(-1)}
-    import pyarrow as pa
-
-    con.register("_probe", pa.table(probe))
-    try:
+    probe = {"probe_row": np.repeat(np.arange(n), bands), "band_key": keys.reshape(-1)}
+    with con.scratch_table("_probe", probe, {"probe_row": "BIGINT", "band_key": "BIGINT"}):
         pairs = con.execute(
-            """SELECT DISTINCT p.row, b.chunk_id FROM _probe p JOIN minhash_bands b ON b.band_key = p.band_key"""
+            """SELECT DISTINCT p.probe_row, b.chunk_id FROM _probe p JOIN minhash_bands b ON b.band_key = p.band_key"""
         ).fetchall()
-    finally:
-        con.unregister("_probe")
     if not pairs:
         return result
     candidate_ids = sorted({cid for _, cid in pairs})

@@ -51,12 +51,6 @@ BATCH_CHUNKS = 512
 _SOURCE_CHUNKS = """SELECT k.chunk_id FROM chunks k JOIN chunk_dedup x USING (chunk_id)
                     WHERE k.source = ? OR x.decided_in = ?"""
 
-# SQL form of core.vector_checks.invalid_rows (unit_norm=True); parameters: dim, NORM_TOLERANCE.
-_INVALID_VECTOR = """(e.vector IS NULL OR len(e.vector) <> ?
-     OR NOT coalesce(list_bool_and(list_transform(e.vector, lambda x: isfinite(x))), false)
-     OR NOT coalesce(abs(list_dot_product(e.vector, e.vector) - 1) < ?, false))"""
-
-
 class InvalidEmbeddingError(RuntimeError):
     """The model returned a vector that is not a valid embedding; nothing of that batch was stored."""
 
@@ -197,6 +191,8 @@ class _Batcher:
         fresh = self._audit(rows, hits)
         if "redis" in self.cache.distrusted():
             hits = [None if hit is not None and hit.shared else hit for hit in hits]
+            # Audited rows whose Redis hit is now rejected are served by the model's own vector: embedded.
+            self.report.embedded_by_model += sum(1 for i in fresh if hits[i] is None)
         misses = [i for i, hit in enumerate(hits) if hit is None and i not in fresh]
         if misses:
             fresh.update(zip(misses, self._encode(rows, misses)))
@@ -298,7 +294,7 @@ def _delete_invalid_vectors(con, fingerprint: str, source: str, dim: int) -> lis
     """
     found = con.execute(
         f"""SELECT e.chunk_id, e.text_sha256 FROM embeddings e
-            WHERE e.model_fingerprint = ? AND e.chunk_id IN ({_SOURCE_CHUNKS}) AND {_INVALID_VECTOR}""",
+            WHERE e.model_fingerprint = ? AND e.chunk_id IN ({_SOURCE_CHUNKS}) AND {con.invalid_vector("e.vector")}""",
         [fingerprint, source, source, dim, NORM_TOLERANCE],
     ).fetchall()
     if not found:

@@ -56,6 +56,12 @@ NPROBE_RULE = "cheapest (nprobe, rescore multiplier) with sample recall >= requi
 RESCORE_MULTIPLIERS = (1, 2, 4, 8, 16, 32)
 BATCH_ROWS = 8192
 SNAPSHOT_FILE = "snapshot.parquet"
+# The snapshot's columns (a backend that cannot infer Arrow types from SQL writes these).
+SNAPSHOT_SCHEMA = pa.schema([
+    ("vector_id", pa.int64()), ("chunk_id", pa.string()), ("source", pa.string()), ("doc_path", pa.string()),
+    ("heading_path", pa.string()), ("title", pa.string()), ("text", pa.string()), ("page", pa.int32()),
+    ("token_count", pa.int32()), ("int8", pa.binary()), ("ubinary", pa.binary()), ("vector", pa.list_(pa.float32())),
+])  # fmt: skip
 
 # The live set the index must hold: live canonical chunks with int8/binary codes of the model. Two `?`: the
 # model fingerprint for the codes, then for the float32 vectors.
@@ -65,7 +71,7 @@ LIVE_SET = """
     JOIN quantized_embeddings q ON q.chunk_id = k.chunk_id AND q.model_fingerprint = ?
     JOIN embeddings e ON e.chunk_id = k.chunk_id AND e.model_fingerprint = ?
     JOIN documents d ON d.doc_id = k.doc_id
-    LEFT JOIN (SELECT doc_id, any_value(title) AS title FROM cleaned_documents GROUP BY doc_id) c ON c.doc_id = k.doc_id"""
+    LEFT JOIN (SELECT doc_id, max(title) AS title FROM cleaned_documents GROUP BY doc_id) c ON c.doc_id = k.doc_id"""
 
 
 @dataclass(frozen=True)
@@ -144,8 +150,9 @@ def live_digest(con, model_fingerprint: str) -> dict[str, int]:
     equal digests mean a version built now would hold the same vectors and show the same chunks."""
     count, ids, meta, codes = con.execute(
         f"""SELECT count(*), coalesce(bit_xor(q.vector_id), 0),
-                   coalesce(bit_xor(hash(k.heading_path, d.relative_path, coalesce(c.title, ''), coalesce(k.page, -1))), 0),
-                   coalesce(bit_xor(hash(q.vector_id, q.int8, q.ubinary)), 0) {LIVE_SET}""",
+                   coalesce(bit_xor({con.row_hash("k.heading_path", "d.relative_path", "coalesce(c.title, '')",
+                                                  "coalesce(k.page, -1)")}), 0),
+                   coalesce(bit_xor({con.row_hash("q.vector_id", "q.int8", "q.ubinary")}), 0) {LIVE_SET}""",
         [model_fingerprint, model_fingerprint],
     ).fetchall()[0]
     return {"count": int(count), "vector_ids": int(ids), "metadata": int(meta), "codes": int(codes)}
@@ -172,11 +179,11 @@ def take_snapshot(con, model_fingerprint: str, folder: Path) -> Snapshot:
             + (f" ({pending} live chunks are still waiting for their embeddings)" if pending else "")
         )
     path = folder / SNAPSHOT_FILE
-    con.sql(
+    con.write_parquet(
         f"""SELECT q.vector_id, k.chunk_id, k.source, d.relative_path AS doc_path, k.heading_path, c.title, k.text,
                    k.page::INTEGER AS page, k.token_count, q.int8, q.ubinary, e.vector {LIVE_SET} ORDER BY q.vector_id""",
-        params=[model_fingerprint, model_fingerprint],
-    ).write_parquet(str(path), row_group_size=BATCH_ROWS)
+        [model_fingerprint, model_fingerprint], path, schema=SNAPSHOT_SCHEMA, row_group_size=BATCH_ROWS,
+    )
     count = pq.ParquetFile(path).metadata.num_rows
     if count != digest["count"]:  # cannot happen under the read lock; a bug if it does
         raise IndexBuildError(f"snapshot holds {count} rows, the digest {digest['count']}: report this as a bug")

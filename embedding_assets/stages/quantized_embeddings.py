@@ -73,11 +73,11 @@ def quantize_source(
             ]
             for start in range(0, len(pending), BATCH_VECTORS):
                 ids = pending[start : start + BATCH_VECTORS]
-                table = con.sql(
+                table = con.fetch_arrow(
                     "SELECT chunk_id, vector_id, source, vector FROM embeddings WHERE model_fingerprint = ? "
                     "AND chunk_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY chunk_id",
-                    params=[model_fingerprint, ids],
-                ).to_arrow_table()
+                    [model_fingerprint, ids],
+                )
                 vectors = arrow_to_vectors(table.column("vector"))
                 int8 = quantize_int8(vectors, ranges)
                 binary = quantize_binary(vectors)
@@ -124,10 +124,10 @@ def _ranges(con, model_fingerprint: str) -> tuple[np.ndarray | None, int, bool]:
         con.execute("DELETE FROM quantization_ranges WHERE model_fingerprint = ?", [model_fingerprint])
         con.execute("DELETE FROM quantized_embeddings WHERE model_fingerprint = ?", [model_fingerprint])
     # Deterministic sample: the vectors with the smallest ids are a hash-random slice of the corpus.
-    table = con.sql(
+    table = con.fetch_arrow(
         "SELECT vector FROM embeddings WHERE model_fingerprint = ? ORDER BY vector_id LIMIT ?",
-        params=[model_fingerprint, CALIBRATION_SAMPLE],
-    ).to_arrow_table()
+        [model_fingerprint, CALIBRATION_SAMPLE],
+    )
     if table.num_rows == 0:
         return None, 0, False
     sample = arrow_to_vectors(table.column("vector"))

@@ -75,18 +75,17 @@ def remove_source(
         ).fetchall()
         report.orphaned_duplicates = len(orphans)
         report.sources_to_rerun = sorted({source for _, source in orphans})
-        con.execute(
+        report.rows_deleted["chunk_dedup"] = con.delete(
             """DELETE FROM chunk_dedup WHERE source = ? OR chunk_id IN (SELECT chunk_id FROM removed_chunks)
                OR duplicate_of IN (SELECT chunk_id FROM removed_chunks)""",
             [name],
         )
-        report.rows_deleted["chunk_dedup"] = _changes(con)
         for table in ("minhash_bands", "minhash_signatures"):
-            con.execute(f"DELETE FROM {table} WHERE chunk_id IN (SELECT chunk_id FROM removed_chunks)")
-            report.rows_deleted[table] = _changes(con)
+            report.rows_deleted[table] = con.delete(
+                f"DELETE FROM {table} WHERE chunk_id IN (SELECT chunk_id FROM removed_chunks)"
+            )
         for table in _SOURCE_TABLES:
-            con.execute(f"DELETE FROM {table} WHERE source = ?", [name])
-            report.rows_deleted[table] = _changes(con)
+            report.rows_deleted[table] = con.delete(f"DELETE FROM {table} WHERE source = ?", [name])
         con.execute("DROP TABLE removed_chunks")
     if instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, name):
         instance.delete_dynamic_partition(SOURCES_PARTITIONS_NAME, name)
@@ -94,9 +93,3 @@ def remove_source(
     if not report.partition_deleted and not any(report.rows_deleted.values()):
         raise SourceRemovalError(f"no source named {name!r}: it has no partition and no rows in the warehouse")
     return report
-
-
-def _changes(con) -> int:
-    """Rows affected by the last DELETE (DuckDB returns the count as the statement's result)."""
-    row = con.fetchone()
-    return int(row[0]) if row else 0
