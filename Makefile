@@ -27,9 +27,10 @@ run: $(STAMP)
 	$(BIN)/embedding-pipeline materialize
 	$(BIN)/embedding-pipeline search "how do I descale the coffee machine" --k 3
 
-## Install what the tests need (redis-server, chromium for the browser test) and run the whole suite.
+## Install what the tests need (redis-server, chromium for the browser test, PostgreSQL for the second
+## warehouse backend and the cluster demo) and run the whole suite, tests spread over 3 processes.
 test: system-deps $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal --durations=25
 
 ## Unit tests only (no model, no graph run; under 2 minutes): everything not marked slow.
 test-fast: system-deps $(STAMP)
@@ -45,6 +46,7 @@ system-deps:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

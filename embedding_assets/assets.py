@@ -82,13 +82,14 @@ def _unset_means(field: str, what: str) -> str:
 
 class ChunkingConfig(dg.Config):
     chunk_tokens: int | None = Field(default=None, description=_unset_means("chunk_tokens", "Max tokens per chunk."))
-    overlap_tokens: int | None = Field(default=None, description=_unset_means("chunk_overlap", "Overlap where a long section is split."))
-    min_chunk_tokens: int | None = Field(default=None, description=_unset_means("min_chunk_tokens", "Smaller chunks are merged."))
+    overlap_tokens: int | None = Field(default=None, description=_unset_means("chunk_overlap", "Tokens repeated after a cut inside a paragraph."))
+    min_chunk_tokens: int | None = Field(default=None, description=_unset_means("min_chunk_tokens", "Smallest chunk a cut may leave (a document's last chunk excepted)."))
+    contextual: bool | None = Field(default=None, description=_unset_means("contextual_chunks", "The model reads the document title and heading path before each chunk's text."))
 
     def to_settings(self, s: Settings) -> ChunkingSettings:
         return ChunkingSettings(
             _given(self.chunk_tokens, s.chunk_tokens), _given(self.overlap_tokens, s.chunk_overlap),
-            _given(self.min_chunk_tokens, s.min_chunk_tokens),
+            _given(self.min_chunk_tokens, s.min_chunk_tokens), _given(self.contextual, s.contextual_chunks),
         )
 
 

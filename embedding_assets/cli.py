@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("--json", action="store_true", help="one JSON object per hit")
     find.add_argument("--source", default=None, metavar="NAME", help="only hits from this source")
     find.add_argument("--mode", default=None, choices=["vector", "lexical", "hybrid"],
-                      help="vector (default), lexical (BM25) or hybrid (both, reciprocal-rank fusion)")
+                      help="hybrid (default: vector and BM25 fused by reciprocal rank; vector on an index without BM25), vector or lexical")
     find.add_argument("--chunks", action="store_true", help="every matching chunk, not the best chunk per document")
     sub.add_parser("sources", help="list the sources found under EMBEDDING_SOURCES_DIR")
     rm = sub.add_parser("remove-source", help="delete a removed source's partition, rows and vectors")
@@ -125,12 +125,35 @@ def explain(exc: BaseException) -> str | None:
             full = _disk_full(exc)
             return f"{where}{full}" if full else None
         return f"{where}{inner}"
+    if _connection_lost(exc):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (
+            f"a PostgreSQL connection was lost during the run (server restarted or unreachable): {first}; its unit of "
+            "work was rolled back and no partial index was published: run again once the server answers"
+        )
+    from embedding_assets.runner import StepFailedOnWorker
+
+    if isinstance(exc, StepFailedOnWorker):  # a step on a Celery worker: only its class name came back
+        expected = {cls.__name__ for cls in _expected_errors()}
+        return str(exc).strip().splitlines()[0] if exc.error_class in expected else None
     if isinstance(exc, _expected_errors()):
         message = str(exc)
         if "another index build is still running" in message:
             message += "; retry later, or set EMBEDDING_BUILD_LOCK_TIMEOUT_SECONDS to wait longer"
         return message
     return _disk_full(exc) or _os_error(exc)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A lost PostgreSQL connection (Dagster's instance storage or a worker's step, through SQLAlchemy,
+    psycopg or psycopg2): OperationalError raised here, or named by a step that failed on a worker."""
+    from embedding_assets.runner import StepFailedOnWorker
+
+    if isinstance(exc, StepFailedOnWorker):
+        return exc.error_class == "OperationalError"
+    return type(exc).__name__ == "OperationalError" and type(exc).__module__.split(".")[0] in (
+        "sqlalchemy", "psycopg", "psycopg2",
+    )  # fmt: skip
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -424,14 +447,14 @@ def _remove_source(args) -> int:
 
 
 def _search(args) -> int:
-    from embedding_assets.search import DEFAULT_MODE, SearchError, search
+    from embedding_assets.search import SearchError, search
     from embedding_assets.settings import index_store_resource, model_resource
 
     if args.k < 1:
         raise CommandError("--k must be >= 1")
     try:
         hits = search(args.query, args.k, model=model_resource(), index_store=index_store_resource(), source=args.source,
-                      mode=args.mode or DEFAULT_MODE, per_document=not args.chunks)
+                      mode=args.mode, per_document=not args.chunks)
     except SearchError as exc:
         raise CommandError(str(exc)) from None
     for rank, hit in enumerate(hits, 1):

@@ -14,7 +14,7 @@ Reads the model's config and weight files (cached per process) but never loads t
 
 from __future__ import annotations
 
-from embedding_assets.core.chunking import CHUNKER_VERSION
+from embedding_assets.core.chunking import CHUNKER_VERSION, CONTEXT_FORMAT_VERSION
 from embedding_assets.core.cleaning import cleaning_fingerprints
 from embedding_assets.core.dedup import MinHashSettings, dedup_fingerprint
 from embedding_assets.core.identity import fingerprint
@@ -64,10 +64,12 @@ def code_versions(settings: Settings) -> dict[str, str]:
                 "version": CHUNKER_VERSION, "chunk_tokens": settings.chunk_tokens, "overlap": settings.chunk_overlap,
                 "min_chunk_tokens": settings.min_chunk_tokens, "tokenizer": model["tokenizer"],
                 "max_seq_length": settings.max_seq_length,
+                "context": CONTEXT_FORMAT_VERSION if settings.contextual_chunks else "off",
             },
         ),
         "deduped_chunks": dedup_fingerprint(dedup),
-        "embeddings": fingerprint("embeddings", model),
+        # The model reads each chunk's contextual text, built here from the chunks' columns.
+        "embeddings": fingerprint("embeddings", {**model, "context_format": CONTEXT_FORMAT_VERSION}),
         "quantized_embeddings": fingerprint("quantized_embeddings", {"version": QUANTIZATION_VERSION, "model": model}),
         "faiss_index": fingerprint(
             "faiss_index",

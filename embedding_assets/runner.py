@@ -36,6 +36,14 @@ class RunFailed(RuntimeError):
         self.source = source
 
 
+class StepFailedOnWorker(RuntimeError):
+    """A step failed on a Celery worker: only its exception's class name and message came back."""
+
+    def __init__(self, message: str, error_class: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
 def ensure_partitions(instance: dg.DagsterInstance, names: list[str]) -> list[str]:
     """Add the dynamic partitions of ``names`` that do not exist yet; returns those this call added."""
     new = [n for n in names if not instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, n)]
@@ -162,10 +170,19 @@ def _execute_on_workers(job_name: str, instance, run_config, partition_key, tags
     with dg.execute_job(recon, instance=instance, run_config=run_config, tags=tags) as result:
         if not result.success:
             failure = next((e for e in result.all_events if e.is_step_failure), None)
-            cause = failure.step_failure_data.error.message.strip() if failure else "the run failed"
+            error = _user_error(failure.step_failure_data.error) if failure else None
+            cause = error.message.strip() if error else "the run failed"
             where = f" (source {partition_key})" if partition_key else ""
-            raise RunFailed(f"run {result.run_id}{where}: {cause}", None, partition_key)
+            remote = StepFailedOnWorker(cause, error.cls_name) if error else None
+            raise RunFailed(f"run {result.run_id}{where}: {cause}", remote, partition_key)
         return materializations(result)
+
+
+def _user_error(error):
+    """The user code's own error inside Dagster's wrappers (DagsterExecutionStepExecutionError -> cause)."""
+    while error.cause is not None and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    return error
 
 
 def materializations(result) -> dict[str, dict[str, Any]]:

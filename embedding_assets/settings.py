@@ -107,9 +107,13 @@ class Settings(BaseSettings):
     )
 
     # ---- chunking
-    chunk_tokens: int = Field(240, ge=1, description="most model tokens per chunk")
-    chunk_overlap: int = Field(36, ge=0, description="model tokens of overlap where a long section is split")
-    min_chunk_tokens: int = Field(48, ge=0, description="smaller chunks are merged with a neighbour")
+    chunk_tokens: int = Field(254, ge=1, description="most model tokens of a chunk's text (the context is capped apart); chosen by the "
+                              "known-item benchmark (benchmarks/RESULTS.md)")
+    chunk_overlap: int = Field(0, ge=0, description="model tokens repeated after a cut inside a paragraph")
+    min_chunk_tokens: int = Field(160, ge=0, description="smallest chunk a cut may leave (a document's last chunk "
+                                  "excepted): the window in which edit-local boundaries are chosen")
+    contextual_chunks: bool = Field(True, description="the model reads the document title and heading path before "
+                                    "each chunk's text (kept apart from the stored display text)")
 
     # ---- dedup
     dedup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard threshold of a near duplicate")
@@ -150,6 +154,10 @@ class Settings(BaseSettings):
     celery_broker: SecretStr | None = Field(
         None, description="the Celery broker and result backend, `redis://host:port/db`; unset = `EMBEDDING_REDIS_URL`. "
         "A secret, bound by name",
+    )
+    celery_visibility_timeout_seconds: int = Field(
+        3600, ge=1, description="a step whose worker died unacknowledged goes to another worker after this long; keep "
+        "it above the longest step (a step still running past it is started again elsewhere: wasted work, no duplicates)",
     )
     demo_keep: bool = Field(False, description="`make cluster-demo` keeps its work folder (servers' data, logs) for a look")
 

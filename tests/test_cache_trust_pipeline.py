@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import redis
 
+from embedding_assets.core.chunking import contextual_text
 from embedding_assets.core.identity import embedding_cache_key
 from embedding_assets.definitions import build_definitions
 from embedding_assets.stages import embeddings as embeddings_stage
@@ -41,13 +42,13 @@ def stored(pipeline, source: str) -> dict[str, tuple[str, np.ndarray]]:
 
 
 def model_vectors(pipeline, source: str) -> dict[str, np.ndarray]:
-    rows = pipeline.rows(
-        "SELECT chunk_id, text FROM chunks JOIN chunk_dedup x USING (chunk_id) "
+    rows = pipeline.rows(  # what the model reads: the chunk's context (title, heading path), then its text
+        "SELECT chunk_id, text, context FROM chunks JOIN chunk_dedup x USING (chunk_id) "
         "WHERE chunks.source = ? AND x.status = 'canonical' ORDER BY chunk_id",
         [source],
     )
-    vectors, _ = pipeline.resources["model"].encode([t for _, t in rows])
-    return {cid: v for (cid, _), v in zip(rows, vectors)}
+    vectors, _ = pipeline.resources["model"].encode([contextual_text(c or "", t) for _, t, c in rows])
+    return {cid: v for (cid, _, _), v in zip(rows, vectors)}
 
 
 def assert_all_are_the_models(pipeline, source: str) -> None:
@@ -161,22 +162,23 @@ def test_audit_catches_well_formed_vectors_of_other_text_and_distrusts_redis(tmp
 
 
 def test_a_mismatch_in_a_later_batch_redoes_what_earlier_batches_took_from_redis(tmp_path, instance, redis_server, monkeypatch):
-    monkeypatch.setattr(embeddings_stage, "BATCH_CHUNKS", 3)  # several batches from the small corpus
+    # Batches of 2: the corpus's "beta" source has 8 chunks with the default chunk size, enough for three batches.
+    monkeypatch.setattr(embeddings_stage, "BATCH_CHUNKS", 2)  # several batches from the small corpus
     pipeline = make_pipeline(tmp_path, instance, redis_url=redis_server.url)
     fingerprint = pipeline.run_source("beta")["embeddings"]["model_fingerprint"]
     ids = sorted(stored(pipeline, "beta"))
-    assert len(ids) >= 9
+    assert len(ids) >= 6
     raw = redis.Redis.from_url(redis_server.url)
-    _poison_redis_with_rotated_vectors(pipeline, raw, "beta", fingerprint, ids[6:9])  # the third batch only
+    _poison_redis_with_rotated_vectors(pipeline, raw, "beta", fingerprint, ids[4:6])  # the third batch only
     _forget_local_state(pipeline, "beta")
     # Audit every Redis hit so the first two batches certainly pass and the third certainly fails.
     with_cache(pipeline, redis_url=redis_server.url, audit_rate=1.0)
 
     meta = pipeline.run_source("beta")["embeddings"]
-    assert meta["redis_status"] == "distrusted" and meta["cache_audit_mismatches"] == 3
-    assert meta["redone_after_distrust"] == 6  # the two batches before it took all 6 from Redis
-    # 6 audited in the clean batches + 3 in the poisoned one; after it nothing is read from Redis.
-    assert meta["cache_audited"] == 9 and meta["cache_hits_redis"] == 9
+    assert meta["redis_status"] == "distrusted" and meta["cache_audit_mismatches"] == 2
+    assert meta["redone_after_distrust"] == 4  # the two batches before it took all 4 from Redis
+    # 4 audited in the clean batches + 2 in the poisoned one; after it nothing is read from Redis.
+    assert meta["cache_audited"] == 6 and meta["cache_hits_redis"] == 6
     assert_all_are_the_models(pipeline, "beta")
     assert pipeline.rows("SELECT count(*) - count(DISTINCT chunk_id) FROM embeddings")[0][0] == 0
 

@@ -85,12 +85,13 @@ def test_editing_one_paragraph_embeds_only_that_files_new_chunks(pipe):
     paragraphs = text.split("\n\n")
     paragraphs[1] = "Zugzwang drills: set up the king and pawn against king position every morning and play it out blindfold."
     path.write_text("\n\n".join(paragraphs))
-    old = {r[0]: r[1] for r in pipe.rows("SELECT chunk_id, text_sha256 FROM chunks k JOIN documents d USING (doc_id) WHERE d.relative_path = 'chess-endgames.txt'")}
+    # embed_sha256: the hash of what the model reads (contextual text), the embeddings' cache key.
+    old = {r[0]: r[1] for r in pipe.rows("SELECT chunk_id, embed_sha256 FROM chunks k JOIN documents d USING (doc_id) WHERE d.relative_path = 'chess-endgames.txt'")}
     known_texts = {r[0] for r in pipe.rows("SELECT text_sha256 FROM embeddings")}
 
     report = pipe.run_source("alpha")
 
-    new = {r[0]: r[1] for r in pipe.rows("SELECT chunk_id, text_sha256 FROM chunks k JOIN documents d USING (doc_id) WHERE d.relative_path = 'chess-endgames.txt'")}
+    new = {r[0]: r[1] for r in pipe.rows("SELECT chunk_id, embed_sha256 FROM chunks k JOIN documents d USING (doc_id) WHERE d.relative_path = 'chess-endgames.txt'")}
     assert report["raw_documents"]["updated"] == 1 and report["raw_documents"]["unchanged"] == 5
     assert report["cleaned_documents"]["cleaned"] == 1
     assert report["chunks"]["documents_chunked"] == 1

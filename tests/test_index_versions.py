@@ -70,9 +70,12 @@ def test_both_layouts_on_real_vectors_meet_recall_on_held_out_queries(tmp_path, 
     # Codes are the stored codes: the index is 4x (int8) or 32x (binary) smaller than float32 vectors.
     index_bytes = published.manifest["files"][iv.INDEX_FILE[layout]]["bytes"]
     assert index_bytes < n * dim * 4 / (3 if layout == "int8" else 12)
-    # Queries the tuning never saw: every row not among the tuning sample (seed 1).
+    # Queries the tuning never saw: every row not among the tuning sample (seed 1). All of them, not the
+    # first few hundred: those come from one corpus (the fixtures), a harder slice than the tuning sample
+    # was drawn from, and recall on them measures that slice, not the tuning's margin.
     tuned = set(sample_rows(n, 150, seed=1).tolist())
-    held_out = np.array([r for r in range(n) if r not in tuned])[:300]
+    held_out = np.array([r for r in range(n) if r not in tuned])
+    assert len(held_out) >= 500
     queries = real_vectors[held_out]
     truth = exact_top_k(queries, [(np.asarray(ids), real_vectors)], 10)
     _, found = version.search(queries, 10)
@@ -322,9 +325,12 @@ def test_a_schema_1_warehouse_is_migrated_in_place(tmp_path):
         con.execute("DROP INDEX chunks_doc")
         con.execute("DROP INDEX chunks_source")
         con.execute("ALTER TABLE chunks DROP COLUMN page")
+        con.execute("ALTER TABLE chunks DROP COLUMN context")
+        con.execute("ALTER TABLE chunks DROP COLUMN embed_sha256")
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with warehouse.connect() as con:
-        assert con.execute("SELECT chunk_id, text, page FROM chunks").fetchall() == [("old", "kept", None)]
-        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("2",)]
+        assert con.execute("SELECT chunk_id, text, page, context, embed_sha256 FROM chunks").fetchall() == [
+            ("old", "kept", None, None, None)]
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("3",)]
         indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'chunks'").fetchall()}
         assert {"chunks_doc", "chunks_source"} <= indexes

@@ -104,4 +104,5 @@ def test_giant_single_word_is_split_within_the_limit(suffix):
     doc = clean_document(data, suffix)
     chunks = chunk_document(doc, _TOKENIZER, ChunkingSettings(), _MAX_TOKENS)
     assert len(chunks) > 1
-    assert all(c.token_count <= 240 and doc.text[c.start : c.end] == c.text for c in chunks)
+    limit = min(ChunkingSettings().chunk_tokens, _MAX_TOKENS)
+    assert all(c.token_count <= limit and doc.text[c.start : c.end] == c.text for c in chunks)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedding_assets.core.chunking import contextual_text
 from embedding_assets.core.identity import embedding_cache_key, text_sha256
 from embedding_assets.service import ServiceSettings
 from tests.pipeline_support import QUERIES, make_pipeline
@@ -78,9 +79,11 @@ def test_a_single_string_and_base64_give_the_same_vector_as_float(service):
 
 
 def test_a_chunk_the_pipeline_embedded_is_a_cache_hit(service, pipeline):
-    text, sha = pipeline.rows("SELECT text, text_sha256 FROM chunks ORDER BY chunk_id LIMIT 1")[0]
-    stored = np.array(pipeline.rows("SELECT vector FROM embeddings e JOIN chunks k USING (chunk_id) "
-                                    "WHERE k.text_sha256 = ? LIMIT 1", [sha])[0][0], dtype=np.float32)
+    # What the pipeline embedded is the chunk's contextual text (title and heading path, then the text).
+    chunk, display, context = pipeline.rows("SELECT chunk_id, text, context FROM chunks ORDER BY chunk_id LIMIT 1")[0]
+    text = contextual_text(context or "", display)
+    stored = np.array(pipeline.rows("SELECT vector FROM embeddings WHERE chunk_id = ?", [chunk])[0][0],
+                      dtype=np.float32)
     model_texts = service.metric("embedding_service_model_texts_total")
     hits = sum(service.metric(f'embedding_service_cache_hits_total{{tier="{t}"}}') for t in ("lru", "redis", "disk"))
     answer = service.post("/v1/embeddings", {"input": [text]})

@@ -49,6 +49,18 @@ def broker_env_var() -> str:
     )
 
 
+def visibility_timeout_seconds() -> int:
+    """EMBEDDING_CELERY_VISIBILITY_TIMEOUT_SECONDS: how long a step's task may stay unacknowledged before the
+    broker hands it to another worker. A worker that dies with its machine (SIGKILL, power cut) never
+    acknowledges its step; after this timeout a live worker runs the step again and the run goes on. Set it
+    above the longest step: a step still running past it is started a second time on another worker (the
+    stages are idempotent and serialized by the warehouse lock, so that wastes work but duplicates nothing).
+    A bad value raises SettingError naming the variable."""
+    from embedding_assets.settings import load_settings
+
+    return load_settings().celery_visibility_timeout_seconds
+
+
 def celery_app_args() -> dict:
     """The Celery app settings shared by the executor (submitting) and the workers (consuming)."""
     url = os.environ[broker_env_var()]
@@ -58,7 +70,18 @@ def celery_app_args() -> dict:
         "include": [],
         # A task is acknowledged after it ran: a worker killed mid-step leaves it to the run's failure
         # handling instead of silently losing it; prefetch 1 so a long step does not hold others back.
-        "config_source": {"task_acks_late": True, "worker_prefetch_multiplier": 1, "task_default_queue": DEFAULT_QUEUE},
+        # A task whose worker died unacknowledged goes back to the queue after the visibility timeout; the
+        # broker sweeps for such tasks every 10 s (kombu's default sweeps only every 10th interval: 100 s).
+        "config_source": {
+            "task_acks_late": True,
+            "worker_prefetch_multiplier": 1,
+            "task_default_queue": DEFAULT_QUEUE,
+            "broker_transport_options": {
+                "visibility_timeout": visibility_timeout_seconds(),
+                "unacked_restore_interval": 10,
+                "unacked_restore_throttle": 1,
+            },
+        },
     }
 
 

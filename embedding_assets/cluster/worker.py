@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 
 from embedding_assets.cluster.executor import DEFAULT_QUEUE, GPU_QUEUE, broker_env_var
@@ -22,5 +21,9 @@ def worker_command(*, name: str | None, queues: list[str], concurrency: int, log
 
 
 def run_worker(*, name: str | None, queues: list[str], concurrency: int) -> int:
-    """Run the worker in the foreground until it stops; returns its exit code."""
-    return subprocess.call(worker_command(name=name, queues=queues, concurrency=concurrency), env=dict(os.environ))  # noqa: S603 - the celery command built by worker_command from fixed parts
+    """Become the Celery worker (exec): this process's id is the worker's, so a supervisor's SIGTERM reaches
+    Celery's warm shutdown and a SIGKILL kills the worker itself. A child process would be orphaned instead:
+    Python's default SIGTERM ends the wrapper and leaves the worker running with nobody watching it."""
+    command = worker_command(name=name, queues=queues, concurrency=concurrency)
+    os.execv(command[0], command)  # noqa: S606 - the celery command built by worker_command from fixed parts
+    return 1  # unreachable: execv replaces the process or raises OSError

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from embedding_assets.search import DEFAULT_MODE, MODES
+from embedding_assets.search import MODES
 from embedding_assets.service.config import ServiceSettings
 
 # Fields of OpenAI's embeddings request this service understands; anything else is a clear 400.
@@ -135,7 +135,7 @@ class SearchRequest:
     query: str
     k: int
     source: str | None
-    mode: str = DEFAULT_MODE
+    mode: str | None = None  # None: the default mode (search.resolve_mode)
     per_document: bool = True
 
 
@@ -163,8 +163,8 @@ def parse_search(params: dict[str, Any], settings: ServiceSettings) -> SearchReq
     source = params.get("source") or None
     if source is not None and not isinstance(source, str):
         raise invalid_value("'source' must be a string", "source")
-    mode = params.get("mode") or DEFAULT_MODE
-    if mode not in MODES:
+    mode = params.get("mode") or None
+    if mode is not None and mode not in MODES:
         raise invalid_value(f"'mode' must be one of {', '.join(MODES)}, got {str(mode)[:20]!r}", "mode")
     chunks = params.get("chunks", False)
     if isinstance(chunks, str):

@@ -5,7 +5,7 @@ One worker task takes the first queued request, gathers whatever else arrives wi
 (a few milliseconds) up to ``token_budget`` tokens, and runs the batch on a one-thread encode pool:
 
 1. cache lookup with the pipeline's key (``identity.embedding_cache_key(model fingerprint,
-   text_sha256(text))``) through every tier, so a chunk the pipeline embedded is a hit here;
+   text_sha256(text))``) through every tier, so a text the pipeline embedded (a chunk's contextual text) is a hit here;
 2. the audit the embeddings stage does: a sample of the hits that came from Redis is re-embedded, and a
    mismatch makes this cache object distrust Redis (those hits are re-embedded);
 3. the model (``EmbeddingModelResource.encode`` with the known token counts: its CPU streams and

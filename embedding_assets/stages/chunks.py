@@ -1,8 +1,12 @@
 """Stage 3, ``chunks``: structure-aware, token-measured chunks of each changed cleaned document.
 
 A document is chunked again only when its cleaned text or the chunking fingerprint (settings,
-tokenizer, token limit) changed. Chunk ids come from content (see ``core.identity``), so an edit to one
-paragraph keeps the ids of every chunk whose text did not change.
+tokenizer, token limit, contextual format) changed. Each row keeps the display ``text`` (a slice of the
+document) apart from what the model reads: ``context`` (title and heading path) and ``embed_sha256``, the
+hash of ``contextual_text(context, text)``, which is the embedding cache key and part of the chunk id.
+Chunk ids come from that content (see ``core.identity``), so an edit to one paragraph keeps the ids of
+every chunk whose embedded text did not change, and a renamed heading re-embeds the chunks under it.
+``token_count`` counts the tokens the model reads (context included).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from embedding_assets.core.chunking import (
     ChunkingSettings,
     chunk_document,
     chunking_fingerprint,
+    contextual_text,
     validate_settings,
 )
 from embedding_assets.core.cleaning import Block, CleanedDocument
@@ -114,9 +119,10 @@ def chunk_source(
             block_ends = [b.end for b in doc.blocks]
             for chunk in chunks:
                 th = text_sha256(chunk.text)
-                occurrence = seen.get(th, 0)
-                seen[th] = occurrence + 1
-                cid = chunk_id(doc_id, th, occurrence)
+                eh = text_sha256(contextual_text(chunk.context, chunk.text))
+                occurrence = seen.get(eh, 0)
+                seen[eh] = occurrence + 1
+                cid = chunk_id(doc_id, eh, occurrence)
                 for name, value in (
                     ("chunk_id", cid),
                     ("vector_id", vector_id(cid)),
@@ -128,12 +134,14 @@ def chunk_source(
                     ("start_char", chunk.start),
                     ("end_char", chunk.end),
                     ("heading_path", json.dumps(list(chunk.heading_path))),
-                    ("token_count", chunk.token_count),
+                    ("token_count", chunk.embed_token_count),
+                    ("context", chunk.context),
+                    ("embed_sha256", eh),
                     ("page", _first_page(doc.blocks, block_ends, chunk.start)),
                 ):
                     rows[name].append(value)
-                report.tokens += chunk.token_count
-                report.max_token_count = max(report.max_token_count, chunk.token_count)
+                report.tokens += chunk.embed_token_count
+                report.max_token_count = max(report.max_token_count, chunk.embed_token_count)
             marks.append((doc_id, cleaned_sha, len(chunks)))
         new_ids = set(rows["chunk_id"])
         report.chunks_added += len(new_ids - old_ids)
@@ -170,7 +178,7 @@ def chunk_source(
 
 _CHUNK_COLUMNS = (
     "chunk_id", "vector_id", "doc_id", "source", "ordinal", "text", "text_sha256",
-    "start_char", "end_char", "heading_path", "token_count", "page",
+    "start_char", "end_char", "heading_path", "token_count", "page", "context", "embed_sha256",
 )
 
 

@@ -1,5 +1,7 @@
 """Stage 5, ``embeddings``: float32, L2-normalized vectors of the canonical chunks.
 
+The model reads each chunk's contextual text (``core.chunking.contextual_text``: title and heading path,
+then the text); the cache key and the stored ``text_sha256`` are its hash (``chunks.embed_sha256``).
 Only canonical chunks without a vector for the current model fingerprint are looked at; of those,
 only cache misses reach the model, and the model is loaded only if there is at least one miss or a
 Redis hit to audit. Vectors of chunks that are no longer live or canonical are deleted.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedding_assets.core.chunking import contextual_text
 from embedding_assets.core.identity import embedding_cache_key
 from embedding_assets.core.quantization import QuantizationError, ranges_from_bytes
 from embedding_assets.core.vector_checks import (
@@ -170,11 +173,15 @@ class _Batcher:
         self.tokens = self.padded = 0
 
     def run(self, ids: list[str]) -> None:
-        rows = self.warehouse.query_rows(
-            "SELECT chunk_id, vector_id, source, text, text_sha256, token_count FROM chunks "
-            "WHERE chunk_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY chunk_id",
-            [ids],
-        )
+        # What the model reads is the contextual text; its hash is the cache key (see stages.chunks).
+        rows = [
+            (cid, vid, source, contextual_text(context or "", text), embed_sha or text_sha, tokens)
+            for cid, vid, source, text, text_sha, tokens, context, embed_sha in self.warehouse.query_rows(
+                "SELECT chunk_id, vector_id, source, text, text_sha256, token_count, context, embed_sha256 FROM chunks "
+                "WHERE chunk_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY chunk_id",
+                [ids],
+            )
+        ]
         keys = [embedding_cache_key(self.fingerprint, row[4]) for row in rows]
         hits: list[CacheHit | None] = [None] * len(rows)
         looked_up = [i for i, row in enumerate(rows) if row[4] not in self.bypass]

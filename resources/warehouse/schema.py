@@ -7,10 +7,14 @@ never create or migrate it at once.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Migrations from an older schema version, in order: {from version: statements}.
 MIGRATIONS = {
     1: ["ALTER TABLE chunks ADD COLUMN IF NOT EXISTS page INTEGER"],  # PDF pages (formats registry)
+    # Contextual chunks: what the model reads besides the text, and its hash (the chunker's version
+    # changed with them, so every document is chunked again and the columns are filled).
+    2: ["ALTER TABLE chunks ADD COLUMN IF NOT EXISTS context VARCHAR",
+        "ALTER TABLE chunks ADD COLUMN IF NOT EXISTS embed_sha256 VARCHAR"],
 }
 
 SCHEMA = [
@@ -38,7 +42,7 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS chunks (
         chunk_id VARCHAR, vector_id BIGINT, doc_id VARCHAR, source VARCHAR, ordinal INTEGER,
         text VARCHAR, text_sha256 VARCHAR, start_char INTEGER, end_char INTEGER,
-        heading_path VARCHAR, token_count INTEGER, page INTEGER)""",
+        heading_path VARCHAR, token_count INTEGER, page INTEGER, context VARCHAR, embed_sha256 VARCHAR)""",
     # Dedup decision per live chunk: canonical, or a duplicate of another live chunk.
     """CREATE TABLE IF NOT EXISTS chunk_dedup (
         chunk_id VARCHAR, source VARCHAR, text_sha256 VARCHAR, status VARCHAR,
