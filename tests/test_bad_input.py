@@ -126,6 +126,7 @@ def test_bad_files_never_fail_the_run_and_good_documents_are_embedded(bad_run):
     assert report["embeddings"]["row_count"] > 0
 
 
+@pytest.mark.slow
 def test_quarantine_records_path_and_reason_in_table_and_metadata(bad_run):
     pipeline, report = bad_run
     rows = dict(pipeline.rows("SELECT relative_path, reason FROM quarantine WHERE source = 'bad'"))
@@ -138,12 +139,14 @@ def test_quarantine_records_path_and_reason_in_table_and_metadata(bad_run):
         assert path in meta["quarantine"]
 
 
+@pytest.mark.slow
 def test_empty_file_is_quarantined_not_silently_dropped(bad_run):
     pipeline, _ = bad_run
     rows = pipeline.rows("SELECT stage, reason FROM quarantine WHERE source = 'bad' AND relative_path = 'empty.txt'")
     assert rows and rows[0][0] == "cleaned_documents" and "no text" in rows[0][1]
 
 
+@pytest.mark.slow
 def test_refused_files_are_recorded_and_never_read(bad_run):
     pipeline, report = bad_run
     rows = dict(pipeline.rows("SELECT relative_path, reason FROM skipped_files WHERE source = 'bad'"))
@@ -158,6 +161,7 @@ def test_refused_files_are_recorded_and_never_read(bad_run):
     assert leaked == 0
 
 
+@pytest.mark.slow
 def test_recoverable_encodings_are_cleaned_with_a_warning(bad_run):
     pipeline, report = bad_run
     warnings = dict(
@@ -181,6 +185,7 @@ def test_recoverable_encodings_are_cleaned_with_a_warning(bad_run):
     assert "nesting keeper" in texts["nested.html"]
 
 
+@pytest.mark.slow
 def test_long_lines_and_giant_words_stay_within_the_token_limit(bad_run):
     pipeline, report = bad_run
     limit = report["chunks"]["token_limit"]

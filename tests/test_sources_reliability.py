@@ -149,6 +149,7 @@ def test_every_stray_path_is_reported_and_the_rest_is_indexed(stray_run):
     assert leaked == 0
 
 
+@pytest.mark.slow
 def test_escaped_names_are_valid_text_and_name_the_real_bytes(stray_run):
     pipeline, _, _, _ = stray_run
     folder = pipeline.sources_root / "strays"
@@ -158,6 +159,7 @@ def test_escaped_names_are_valid_text_and_name_the_real_bytes(stray_run):
         path.encode("utf-8")  # DuckDB VARCHAR round trip gave valid text
 
 
+@pytest.mark.slow
 def test_the_sensor_fingerprints_a_source_full_of_strays_and_sees_a_fix(stray_run):
     pipeline, _, _, _ = stray_run
     folder = pipeline.sources_root / "strays"
