@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ class EmbeddingModelResource(ConfigurableResource):
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device
+        if _no_accelerator_driver():
+            return "cpu"
         import torch
 
         if torch.cuda.is_available():
@@ -175,8 +178,11 @@ class EmbeddingModelResource(ConfigurableResource):
         return f"tokenizer-{digest[:16]}"
 
     def tokenizer(self):
-        """The model's fast tokenizer (no torch model load); the chunker counts tokens with it."""
-        return _load_tokenizer(str(self.model_path()))
+        """The model's fast tokenizer (no torch model load); the chunker counts tokens with it.
+
+        Loaded on first use (see ``LazyTokenizer``): a run with nothing to chunk never imports transformers.
+        """
+        return LazyTokenizer(str(self.model_path()))
 
     # ---- encoding -------------------------------------------------------------------------------
 
@@ -350,6 +356,53 @@ def _autocast(dtype: str, device: str):
 
     device_type = device.split(":")[0]
     return functools.partial(torch.autocast, device_type=device_type, dtype=torch.bfloat16)
+
+
+class LazyTokenizer:
+    """The model's Hugging Face tokenizer, loaded when first called or asked for an attribute.
+
+    transformers imports torch (seconds), so an unchanged re-run, which only needs the model's token limit,
+    must not load it: ``num_special_tokens_to_add`` is read from ``tokenizer.json`` with the ``tokenizers``
+    library, which is what a fast tokenizer's own method asks; a folder without one loads the tokenizer.
+    """
+
+    def __init__(self, path: str):
+        self._path = path
+
+    def loaded(self):
+        return _load_tokenizer(self._path)
+
+    def __call__(self, *args, **kwargs):
+        return self.loaded()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loaded(), name)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return _special_tokens(self._path, pair)
+
+
+@functools.lru_cache(maxsize=16)
+def _special_tokens(path: str, pair: bool) -> int:
+    file = Path(path) / "tokenizer.json"
+    if file.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            return int(Tokenizer.from_file(str(file)).num_special_tokens_to_add(pair))
+        except Exception:  # noqa: BLE001, S110 - an unreadable tokenizer.json: the loaded tokenizer answers (or raises its own error)
+            pass
+    return int(_load_tokenizer(path).num_special_tokens_to_add(pair=pair))
+
+
+@functools.lru_cache(maxsize=1)
+def _no_accelerator_driver() -> bool:
+    """True when this is Linux with no NVIDIA, ROCm or WSL GPU driver present: torch could only answer "cpu",
+    so the answer is given without importing torch (seconds of a re-run that never loads the model).
+    Anywhere else (a driver present, macOS with MPS, other systems) torch is asked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return not any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
 
 
 @functools.lru_cache(maxsize=8)

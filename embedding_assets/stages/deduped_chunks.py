@@ -63,7 +63,6 @@ def dedup_source(
     started = time.perf_counter()
     report = DedupReport(source=source)
     fp = dedup_fingerprint(settings)
-    bands, rows = lsh_bands(settings)
     with warehouse.connect() as con:
         report.decisions_removed, report.redecided = _drop_stale_decisions(con, fp)
         pending = con.execute(
@@ -72,6 +71,8 @@ def dedup_source(
                ORDER BY k.source = ? DESC, k.source, d.relative_path, k.ordinal""",
             [source],
         ).fetchall()
+        # Asked only when there is work: datasketch pulls in scipy (~1.5 s of an unchanged re-run).
+        bands, rows = lsh_bands(settings) if pending else (0, 0)
         for start in range(0, len(pending), BATCH_CHUNKS):
             _decide_batch(con, pending[start : start + BATCH_CHUNKS], source, fp, settings, bands, rows, report)
             progress("deduped_chunks", min(start + BATCH_CHUNKS, len(pending)), len(pending), "chunks")
