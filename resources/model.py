@@ -7,7 +7,6 @@ read from the model folder without loading the weights into torch.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -25,6 +24,9 @@ from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
 from embedding_assets.core.identity import fingerprint, sha256_hex
+from resources.encoding import ModelConfigError, ModelOutOfMemoryError, embed_features, plan_batches, run_batches, run_on
+
+__all__ = ["EmbeddingModelResource", "EncodeStats", "ModelConfigError", "ModelOutOfMemoryError", "plan_batches"]
 
 log = logging.getLogger("embedding_pipeline.model")
 
@@ -41,10 +43,6 @@ _CONFIG_FILES = (
     "tokenizer.json",
     "1_Pooling/config.json",
 )
-
-
-class ModelConfigError(ValueError):
-    """The model setting cannot be used; the message names the setting and what to do."""
 
 
 @dataclass
@@ -211,22 +209,17 @@ class EmbeddingModelResource(ConfigurableResource):
             return batch_to_device(model.preprocess([texts[i] for i in batch]), model.device)
 
         # Tokenizers are not safe to share between threads: batches are tokenized here, in order, and
-        # only the forward passes run on the pool, at most two per stream queued at a time.
+        # only the forward passes run on the pool, at most two per stream queued at a time. A batch that
+        # runs out of accelerator memory is halved and retried (resources/encoding.py: run_batches).
         budget = self.token_budget
         if streams > 1:  # enough batches to keep every stream busy (a lone batch would run on one stream's threads)
             budget = min(budget, max(int(lengths.max()), -(-int(lengths.sum()) // streams)))
         batches = plan_batches(lengths, budget, self.batch_size)
         threads = max(1, (self.cpu_threads or _cores()) // streams) if self.resolved_device() == "cpu" else 0
         with _torch_threads(threads), concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="encode") as pool:
-            pending: collections.deque = collections.deque()
-            for batch in batches:
-                pending.append((batch, pool.submit(_embed, model, prepared(batch), autocast)))
-                while len(pending) > 2 * streams or (pending and pending[0][1].done()):
-                    done, future = pending.popleft()
-                    out[done] = future.result()
-            for done, future in pending:
-                out[done] = future.result()
-        for batch in batches:
+            ran = run_batches(batches, lengths, out, run_on(pool, prepared, lambda features: _embed(model, features, autocast)),
+                              max_pending=2 * streams, token_budget=self.token_budget, device=self.resolved_device())  # fmt: skip
+        for batch in ran:
             stats.batches += 1
             stats.tokens += int(lengths[batch].sum())
             stats.padded_tokens += int(lengths[batch].max()) * len(batch)
@@ -251,32 +244,6 @@ class EmbeddingModelResource(ConfigurableResource):
             if key not in _MODELS:
                 _MODELS[key] = _load_model(*key)
             return _MODELS[key]
-
-
-def plan_batches(lengths: np.ndarray, token_budget: int, max_batch: int) -> list[np.ndarray]:
-    """Group positions into batches by descending length so each batch's padded size fits the budget.
-
-    ``lengths`` are per-text token counts including special tokens. Returns index arrays; every
-    position appears exactly once. A single text longer than the budget gets a batch of its own.
-    """
-    if token_budget < 1 or max_batch < 1:
-        raise ModelConfigError("token_budget and batch_size must be >= 1 (EMBEDDING_TOKEN_BUDGET, EMBEDDING_BATCH_SIZE)")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches: list[np.ndarray] = []
-    current: list[int] = []
-    longest = 0
-    for pos in order:
-        length = int(lengths[pos])
-        width = max(longest, length)  # sorted descending, so the first item sets the width
-        if current and (width * (len(current) + 1) > token_budget or len(current) >= max_batch):
-            batches.append(np.asarray(current))
-            current, longest = [], 0
-            width = length
-        current.append(int(pos))
-        longest = width
-    if current:
-        batches.append(np.asarray(current))
-    return batches
 
 
 # ---- process-wide state: one model per (path, device, dtype, max length) ---------------------------
@@ -308,15 +275,8 @@ def _load_model(path: str, device: str, dtype: str, max_seq_length: int):
     return model
 
 
-def _embed(model, features: dict, autocast) -> np.ndarray:
-    """One forward pass: sentence embeddings as float32, normalized in the model's dtype as
-    ``SentenceTransformer.encode(normalize_embeddings=True)`` does (so vectors match that path)."""
-    import torch
-
-    with torch.inference_mode(), autocast():  # inference mode is per thread: entered in the worker
-        embeddings = model(features)["sentence_embedding"]
-        embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-    return embeddings.float().cpu().numpy()
+# The forward pass, looked up at call time (tests wrap it to inject out-of-memory errors).
+_embed = embed_features
 
 
 @contextlib.contextmanager
