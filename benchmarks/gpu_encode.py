@@ -75,7 +75,7 @@ def build(out: Path, count: int, seed: int = 7) -> None:
     print(json.dumps({"texts": len(texts), "files": files.index(file) + 1, "model": str(model_dir)}))
 
 
-def run(data: Path, out: Path, budgets: list[tuple[int, int]], plain_batches: list[int], repeats: int, limit_texts: int,
+def run(data: Path, out: Path, budgets: list[tuple[int, int, int, int]], plain_batches: list[int], repeats: int, limit_texts: int,
         oom_first: bool = False, both_counts: bool = True) -> None:
     import concurrent.futures
 
@@ -105,11 +105,13 @@ def run(data: Path, out: Path, budgets: list[tuple[int, int]], plain_batches: li
     def plain(batch_size: int) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
 
-    def ours(budget: int, max_batch: int, known_counts: bool = True, tokenizers: int = 0) -> tuple[np.ndarray, int]:
+    def ours(budget: int, max_batch: int, known_counts: bool = True, tokenizers: int = 0,
+             direct: int = 0) -> tuple[np.ndarray, int]:
         """EmbeddingModelResource.encode's loop (resources/model.py), CUDA: one stream, two batches queued.
 
         ``tokenizers`` > 0 (an experiment, not what model.py does): batches are tokenized on that many threads
-        ahead of the one forward thread, ``tokenizers + 1`` batches in flight.
+        ahead of the one forward thread, ``tokenizers + 1`` batches in flight. ``direct`` (also an experiment):
+        the tokenizer called directly instead of ``SentenceTransformer.preprocess``.
         """
         n = counts if known_counts else [len(i) for i in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         lens = np.minimum(np.asarray(n, dtype=np.int64) + 2, limit)
@@ -118,7 +120,11 @@ def run(data: Path, out: Path, budgets: list[tuple[int, int]], plain_batches: li
         def prepared(batch: np.ndarray):
             from sentence_transformers.util import batch_to_device
 
-            return batch_to_device(model.preprocess([texts[i] for i in batch]), model.device)
+            chosen = [texts[i] for i in batch]
+            if direct:
+                features = dict(model.tokenizer(chosen, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
+                return batch_to_device({**features, "modality": "text"}, model.device)
+            return batch_to_device(model.preprocess(chosen), model.device)
 
         batches = plan_batches(lens, budget, max_batch)
         forward = lambda features: embed_features(model, features, contextlib.nullcontext)  # noqa: E731
@@ -198,12 +204,12 @@ def run(data: Path, out: Path, budgets: list[tuple[int, int]], plain_batches: li
         print(json.dumps(row), flush=True)
     best_plain = max(r["chunks_per_s"] for r in results["plain"])
     ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    for budget, max_batch, tokenizers in budgets:
+    for budget, max_batch, tokenizers, direct in budgets:
         for known in (True, False) if both_counts else (True,):
-            (vectors, batches), seconds, each = timed(ours, budget, max_batch, known, tokenizers)
+            (vectors, batches), seconds, each = timed(ours, budget, max_batch, known, tokenizers, direct)
             cos = float(np.min(np.sum(vectors * ref, axis=1)))
             row = {"path": "ours", "token_budget": budget, "batch_size": max_batch, "token_counts_given": known,
-                   "tokenizer_threads": tokenizers,
+                   "tokenizer_threads": tokenizers, "direct_tokenizer": bool(direct),
                    "batches": batches, "seconds": round(seconds, 3), "chunks_per_s": round(len(texts) / seconds),
                    "vs_best_plain": round(len(texts) / seconds / best_plain, 2), "min_cosine_vs_plain": round(cos, 5),
                    "runs": [round(s, 3) for s in each]}  # fmt: skip
@@ -226,7 +232,7 @@ def main() -> None:
     r.add_argument("--dir", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--budgets", default="16384:128,16384:1024,65536:4096,131072:4096,262144:8192",
-                   help="token_budget:batch_size[:tokenizer threads] for our path")  # fmt: skip
+                   help="token_budget:batch_size[:tokenizer threads[:1 = tokenizer called directly]] for our path")  # fmt: skip
     r.add_argument("--plain-batches", default="32,128,512")
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--oom-first", action="store_true", help="run the out-of-memory part before the timings")
@@ -236,7 +242,7 @@ def main() -> None:
     if args.cmd == "build":
         build(args.out, args.count)
     else:
-        budgets = [tuple(int(x) for x in (pair + ":0").split(":")[:3]) for pair in args.budgets.split(",")]
+        budgets = [tuple(int(x) for x in (pair + ":0:0").split(":")[:4]) for pair in args.budgets.split(",")]
         run(args.dir, args.out, budgets, [int(x) for x in args.plain_batches.split(",")], args.repeats,
             args.limit, args.oom_first, not args.given_counts_only)  # fmt: skip
 

