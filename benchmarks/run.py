@@ -186,7 +186,7 @@ def fixed_batches(n: int, size: int, lengths: np.ndarray | None = None) -> list[
 def plan(lengths: np.ndarray, model) -> list[np.ndarray]:
     from resources.model import plan_batches
 
-    return plan_batches(lengths, model.token_budget, model.batch_size)
+    return plan_batches(lengths, model.resolved_token_budget(), model.resolved_batch_size())
 
 
 def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:

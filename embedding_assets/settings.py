@@ -77,8 +77,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="`auto` (CUDA, then MPS, then CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
     dtype: str = Field("auto", description="`auto`, `float32`, `float16`, `bfloat16`, `bfloat16-autocast` (see below)")
-    batch_size: int = Field(128, ge=1, description="most texts per forward pass")
-    token_budget: int = Field(16384, ge=1, description="most padded tokens per forward pass (length-sorted batching)")
+    batch_size: int = Field(0, ge=0, description="most texts per forward pass; 0 = auto: 4096 on CUDA (the token "
+                            "budget bounds a batch), 128 elsewhere")
+    token_budget: int = Field(0, ge=0, description="most padded tokens per forward pass (length-sorted batching); 0 = "
+                              "auto: 65536 on CUDA, 16384 elsewhere (measured, benchmarks/RESULTS.md); a batch that "
+                              "runs out of GPU memory is halved and retried")
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU in all, shared by the streams; 0 = one per core")
     cpu_streams: int = Field(
         0, ge=0, description="batches encoded at once on CPU, each on its own thread; 0 = auto (2 with 2+ cores). "
