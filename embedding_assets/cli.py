@@ -157,6 +157,8 @@ def _connection_lost(exc: BaseException) -> bool:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from dagster import Failure  # raised by an asset with a message for its user (a source folder that is gone)
+
     from embedding_assets.checks import QualityGateError
     from embedding_assets.core.chunking import ChunkingError
     from embedding_assets.core.sources import SourceError
@@ -171,7 +173,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (
         CommandError, WarehouseError, IndexStoreError, SettingError, SourceError, SourceRemovalError,
         ModelConfigError, EmbeddingCacheConfigError, EmbeddingCacheStorageError, LockTimeout,
-        QualityGateError, ChunkingError,
+        QualityGateError, ChunkingError, Failure,
     )  # fmt: skip
 
 
@@ -413,10 +415,14 @@ def _remove_source(args) -> int:
     from embedding_assets.partitions import SOURCES_PARTITIONS_NAME
     from embedding_assets.runner import RunFailed, materialize_index, remove_source_run
     from embedding_assets.settings import load_settings
-    from embedding_assets.stages.remove_source import RemovalReport, SourceRemovalError, remove_source
+    from embedding_assets.stages.remove_source import (
+        RemovalReport, SourceRemovalError, refuse_while_folder_exists, remove_source,
+    )  # fmt: skip
 
     instance = _instance()
     try:
+        # Refused here, before a run: a mistaken command leaves no failed run in the history.
+        refuse_while_folder_exists(load_settings().sources_path, args.name)
         if instance.has_dynamic_partition(SOURCES_PARTITIONS_NAME, args.name):
             # The job the UI launches, so both ways remove a source the same way and leave a run in the history.
             summary = remove_source_run(defs, instance, args.name)

@@ -23,6 +23,7 @@ import duckdb
 import pytest
 
 from resources.locks import file_lock
+from resources.warehouse import SCHEMA_VERSION
 from tests.cli_support import (
     cli, cli_env, clone_state, copy_corpus, ok, one_error, search_hits, tree_digest, unprivileged_prefix,
 )
@@ -102,7 +103,7 @@ DAMAGE = {
     "empty": (_empty, "is damaged or not a DuckDB 2.0 database"),
     "text-file": (_text_file, "is damaged or not a DuckDB 2.0 database"),
     "folder": (_folder, "is a folder, not a database file"),
-    "schema-99": (_other_schema, "has schema version '99', this release reads 2"),
+    "schema-99": (_other_schema, f"has schema version '99', this release reads {SCHEMA_VERSION}"),
 }
 
 

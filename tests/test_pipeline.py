@@ -185,7 +185,10 @@ def test_cli_materialize_search_and_remove_source(tmp_path):
     assert {json.loads(line)["source"] for line in found.stdout.splitlines()} == {"alpha"}
     # The runs are in the same instance the UI reads.
     with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as inst:
-        assert len(inst.get_runs()) == 4  # two sources, the index, the index after the removal
+        # Two sources, the index, the removal (the remove_source job the UI launches too), the index after it;
+        # the refused removal left no run.
+        jobs = sorted(run.job_name for run in inst.get_runs())
+        assert jobs == ["build_index", "build_index", "ingest_source", "ingest_source", "remove_source"], jobs
 
 
 def test_redis_tier_shares_vectors_with_another_process(tmp_path, instance, redis_server):

@@ -46,6 +46,15 @@ class RemovalReport:
     partition_deleted: bool = False
 
 
+def refuse_while_folder_exists(sources_root: Path, name: str) -> None:
+    """Raises SourceRemovalError while the source's folder exists (the sensor would add the partition back)."""
+    if source_dir(sources_root, name).exists():
+        raise SourceRemovalError(
+            f"source folder {source_dir(sources_root, name)} still exists: delete or move it first, "
+            "or the sources sensor adds the partition back"
+        )
+
+
 def remove_source(
     warehouse: WarehouseResource,
     instance: DynamicPartitionStore,
@@ -60,11 +69,8 @@ def remove_source(
     """
     from embedding_assets.partitions import SOURCES_PARTITIONS_NAME  # keeps this module free of Dagster at import
 
-    if sources_root is not None and source_dir(sources_root, name).exists():
-        raise SourceRemovalError(
-            f"source folder {source_dir(sources_root, name)} still exists: delete or move it first, "
-            "or the sources sensor adds the partition back"
-        )
+    if sources_root is not None:
+        refuse_while_folder_exists(sources_root, name)
     report = RemovalReport(source=name)
     with warehouse.connect() as con:
         con.execute("CREATE TEMP TABLE removed_chunks AS SELECT chunk_id FROM chunks WHERE source = ?", [name])
