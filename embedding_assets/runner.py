@@ -83,7 +83,8 @@ def materialize_source(
     try:
         return _execute(defs.resolve_job_def("ingest_source"), instance, run_config, partition_key=source)
     except RunFailed as failed:
-        if added and isinstance(failed.cause, SourceMissing):  # stage 1 refused before writing anything
+        # Stage 1 refused before writing anything: SourceMissing, or the asset's Failure that explains it.
+        if added and (isinstance(failed.cause, SourceMissing) or isinstance(failed.cause, dg.Failure)):
             instance.delete_dynamic_partition(SOURCES_PARTITIONS_NAME, source)
         raise
 
