@@ -24,6 +24,7 @@ import pytest
 
 from resources.locks import file_lock
 from resources.warehouse import SCHEMA_VERSION
+from tests.disk_support import fill, mounted_tmpfs
 from tests.cli_support import (
     cli, cli_env, clone_state, copy_corpus, ok, one_error, search_hits, tree_digest, unprivileged_prefix,
 )
@@ -183,28 +184,13 @@ def test_unreadable_or_read_only_warehouse_is_one_clear_error(mode, damaged, pub
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A real 64 MiB tmpfs (needs CAP_SYS_ADMIN; skipped, with the reason, where mounting is not allowed)."""
-    mount_point = tmp_path / "mnt"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    """A real 64 MiB tmpfs (see tests/disk_support.py)."""
+    with mounted_tmpfs(tmp_path / "mnt", "64m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def _fill(mount_point: Path) -> Path:
-    """Fill the file system to its last block; returns the ballast file (delete it to free the space)."""
-    ballast = mount_point / "ballast"
-    with open(ballast, "wb", buffering=0) as fh:
-        for size in (1 << 20, 4096, 1):
-            try:
-                while True:
-                    fh.write(b"\0" * size)
-            except OSError:
-                pass
+    ballast = fill(mount_point)
     assert shutil.disk_usage(mount_point).free == 0
     return ballast
 

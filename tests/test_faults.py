@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from embedding_assets.core.identity import embedding_cache_key
+from tests.disk_support import fill, mounted_tmpfs
 from tests.pipeline_support import index_count
 from embedding_assets.progress import set_terminal_reporter
 from embedding_assets.runner import RunFailed
@@ -277,32 +278,9 @@ def test_sigkill_mid_embeddings_and_mid_index_keeps_the_published_index_and_lose
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    """A real 256 MiB tmpfs mounted for the test (needs CAP_SYS_ADMIN; skipped where mounting is not allowed)."""
-    mount_point = tmp_path / "mnt"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    """A real 256 MiB tmpfs (see tests/disk_support.py)."""
+    with mounted_tmpfs(tmp_path / "mnt", "256m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def _fill(mount_point: Path) -> Path:
-    ballast = mount_point / "ballast"
-    with open(ballast, "wb", buffering=0) as fh:  # unbuffered: ENOSPC surfaces in write, not in close
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 20))
-        except OSError:
-            pass
-        try:
-            while True:
-                fh.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return ballast
 
 
 def _index_listing(store: IndexStoreResource) -> set[str]:
@@ -327,7 +305,7 @@ def test_disk_full_and_read_only_home_fail_clearly_and_publish_nothing_half(tmp_
         before = _index_listing(store)
         pipeline.run_source("beta")  # new vectors the next index would include
 
-        ballast = _fill(tiny_tmpfs)
+        ballast = fill(tiny_tmpfs)
         with pytest.raises(RunFailed) as caught:
             pipeline.run_index()
         message = str(caught.value)
