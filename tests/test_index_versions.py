@@ -62,7 +62,7 @@ def test_both_layouts_on_real_vectors_meet_recall_on_held_out_queries(tmp_path, 
     ids = _add_real(warehouse, real_vectors, dim)
     report, published = build_and_publish(
         warehouse, store, model_fingerprint=FP, dimension=dim,
-        settings=IndexSettings(layout=layout, target_recall=0.95, recall_queries=150, min_nlist=4),
+        settings=IndexSettings(layout=layout, target_recall=0.95, recall_queries=150, min_nlist=4, tuning_queries="vectors"),
     )
     assert report.mode == "full" and report.nlist >= 4 and report.recall_at_k >= 0.95
     version = iv.IndexVersion.open(published.path, verify="full")
@@ -113,7 +113,7 @@ def test_build_publishes_exactly_its_snapshot_while_another_process_writes(tmp_p
         assert done.wait(120), "the writer could not write while the index was being built"
 
     report, published = build_and_publish(
-        warehouse, store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(),
+        warehouse, store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(tuning_queries="vectors"),
         gate_snapshot=write_during_build,
     )
     writers[0].join(30)
