@@ -313,7 +313,8 @@ QUERY_FRAGMENT_WORDS = (4, 12)
 def query_texts(rows: Iterable[tuple[str | None, str]], seed: int = 1) -> list[str]:
     """Query-like texts of sampled corpus rows, one per row of ``(heading, text)``: for every other row its
     ``heading`` (the last heading, else the title) when it has one not used yet, otherwise a run of
-    ``QUERY_FRAGMENT_WORDS`` (4-12) consecutive words of ``text`` (all of it when shorter) at a seeded random position.
+    ``QUERY_FRAGMENT_WORDS`` (4-12, and at most half of a row of 8+ words; 4 of a shorter row) consecutive
+    words of ``text`` at a seeded random position.
 
     Why: real queries are short texts whose vectors sit far from every chunk (top-1 cosine ~0.5-0.7), while
     a corpus vector's neighbours are close (0.8-0.95) and easy to find; recall tuned on corpus vectors
@@ -333,6 +334,8 @@ def query_texts(rows: Iterable[tuple[str | None, str]], seed: int = 1) -> list[s
             out.append(heading)
             continue
         words = (text or "").split()
+        # At most half of a short row: a whole row as query would find itself and overstate recall.
+        length = min(length, max(low, len(words) // 2))
         start = int(start_draw * max(len(words) - length + 1, 1))
         out.append(" ".join(words[start: start + length]) or heading)
     return out
