@@ -99,7 +99,7 @@ def build_layout(layout: str, snapshot: Path, ranges: np.ndarray, n: int, folder
     started = time.perf_counter()
     report = IndexReport(layout=layout)
     manifest = _build(Snapshot(snapshot, n, {"count": n}, ranges, 0), None, out, report, "synthetic", DIM,
-                      IndexSettings(layout=layout, lexical=False), lambda *a: None)
+                      IndexSettings(layout=layout, lexical=False, tuning_queries="vectors"), lambda *a: None)
     from embedding_assets.core import index_version as iv
 
     manifest["files"] = {p.relative_to(out).as_posix(): iv.file_digest(p) for p in iv.version_files(out)}

@@ -403,6 +403,7 @@ def faiss_index(
         r, published = build_and_publish(
             warehouse, index_store, model_fingerprint=fingerprint, dimension=dimension, settings=settings,
             gate_snapshot=gate_snapshot, gate_index=gate_index, progress=for_context(context),
+            query_encoder=lambda texts: model.encode(texts)[0],
         )
     except QualityGateError as exc:
         yield from (to_check_result(o) for o in exc.outcomes + warnings)

@@ -174,7 +174,8 @@ def index_gates(manifest: dict[str, Any], snapshot_count: int) -> list[GateOutco
     return [
         GateOutcome(
             "recall_at_10_meets_target", recall >= target,
-            f"recall@{manifest.get('recall_k', 10)} {recall:.4f} vs target {target:.4f} "
+            f"recall@{manifest.get('recall_k', 10)} {recall:.4f} vs target {target:.4f} on "
+            f"{manifest.get('tuning_queries', 'vectors')} queries "
             f"({manifest.get('layout')}, nprobe {manifest.get('nprobe')}, rescore x{manifest.get('rescore_multiplier', 1)})",
             {"recall_at_10": recall, "target_recall": target, "nprobe": int(manifest.get("nprobe", 0)),
              "rescore_multiplier": int(manifest.get("rescore_multiplier", 1))},

@@ -31,8 +31,9 @@ def clustered(n: int, seed: int, centers: np.ndarray) -> np.ndarray:
     return x
 
 
-def add_rows(warehouse: WarehouseResource, start: int, vectors: np.ndarray) -> list[str]:
-    """Live canonical chunks with float vectors and their int8/binary codes, as stages 3-6 would write them."""
+def add_rows(warehouse: WarehouseResource, start: int, vectors: np.ndarray, texts: list[str] | None = None) -> list[str]:
+    """Live canonical chunks with float vectors and their int8/binary codes, as stages 3-6 would write them;
+    each chunk's text is ``texts[i]`` (the texts the vectors were embedded from), else its chunk id."""
     ids = [chunk_id("doc", f"text{start + i}", 0) for i in range(len(vectors))]
     with warehouse.connect() as con:
         stored = con.execute("SELECT ranges FROM quantization_ranges").fetchall()
@@ -49,7 +50,7 @@ def add_rows(warehouse: WarehouseResource, start: int, vectors: np.ndarray) -> l
             "ubinary": [r.tobytes() for r in quantize_binary(vectors)]})
         insert_arrow(con, "chunks", {
             "chunk_id": ids, "vector_id": [vector_id(c) for c in ids], "doc_id": ["doc"] * len(ids),
-            "source": ["synthetic"] * len(ids), "ordinal": list(range(len(ids))), "text": ids,
+            "source": ["synthetic"] * len(ids), "ordinal": list(range(len(ids))), "text": ids if texts is None else list(texts),
             "text_sha256": ids, "token_count": [3] * len(ids),
         })
         insert_arrow(con, "chunk_dedup", {"chunk_id": ids, "source": ["synthetic"] * len(ids), "status": ["canonical"] * len(ids)})
@@ -72,7 +73,9 @@ def stores(tmp_path):
 
 
 def build(stores, **settings):
+    """Synthetic vectors have no texts to make query texts of: tuned on the sampled rows' vectors."""
     warehouse, index_store = stores
+    settings.setdefault("tuning_queries", "vectors")
     return build_and_publish(warehouse, index_store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(**settings))
 
 

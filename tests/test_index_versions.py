@@ -62,7 +62,7 @@ def test_both_layouts_on_real_vectors_meet_recall_on_held_out_queries(tmp_path, 
     ids = _add_real(warehouse, real_vectors, dim)
     report, published = build_and_publish(
         warehouse, store, model_fingerprint=FP, dimension=dim,
-        settings=IndexSettings(layout=layout, target_recall=0.95, recall_queries=150, min_nlist=4),
+        settings=IndexSettings(layout=layout, target_recall=0.95, recall_queries=150, min_nlist=4, tuning_queries="vectors"),
     )
     assert report.mode == "full" and report.nlist >= 4 and report.recall_at_k >= 0.95
     version = iv.IndexVersion.open(published.path, verify="full")
@@ -113,7 +113,7 @@ def test_build_publishes_exactly_its_snapshot_while_another_process_writes(tmp_p
         assert done.wait(120), "the writer could not write while the index was being built"
 
     report, published = build_and_publish(
-        warehouse, store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(),
+        warehouse, store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(tuning_queries="vectors"),
         gate_snapshot=write_during_build,
     )
     writers[0].join(30)
@@ -334,3 +334,17 @@ def test_a_schema_1_warehouse_is_migrated_in_place(tmp_path):
         assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("3",)]
         indexes = {r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'chunks'").fetchall()}
         assert {"chunks_doc", "chunks_source"} <= indexes
+
+
+def test_int8_rows_read_any_order_with_repeats_and_far_apart(tmp_path):
+    """Rows read in merged runs come back in the order asked, repeats included; a cut file is an error."""
+    codes = np.random.default_rng(0).integers(-128, 128, (500, 24)).astype(np.int8)
+    np.save(tmp_path / "int8.npy", codes)
+    rows_file = iv.Int8Rows(tmp_path / "int8.npy")
+    for rows in ([], [7], [499, 0, 3, 3, 250, 17, 18, 19, 400], np.random.default_rng(1).integers(0, 500, 300)):
+        rows = np.asarray(rows, dtype=np.int64)
+        assert np.array_equal(rows_file.read(rows), codes[rows])
+    with open(tmp_path / "int8.npy", "r+b") as fh:
+        fh.truncate((tmp_path / "int8.npy").stat().st_size - 10)
+    with pytest.raises(iv.IndexVersionError, match="cut short"):
+        iv.Int8Rows(tmp_path / "int8.npy").read(np.array([2, 499]))

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from embedding_assets.core.ivf import (
     MIN_POINTS_PER_CENTROID,
+    QUERY_FRAGMENT_WORDS,
     IndexBuildError,
     add_vectors,
     build_index,
@@ -17,6 +18,7 @@ from embedding_assets.core.ivf import (
     exact_top_k,
     factory_string,
     ivf_nlist,
+    query_texts,
     read_index,
     recall_at_k,
     required_recall,
@@ -231,3 +233,19 @@ def test_sample_rows_is_deterministic_sorted_and_distinct():
     assert first.min() >= 0 and first.max() < 10_000
     assert not np.array_equal(first, sample_rows(10_000, 500, seed=4))
     np.testing.assert_array_equal(sample_rows(5, 50), np.arange(5))
+
+
+def test_query_texts_mix_unused_headings_and_seeded_fragments():
+    text = " ".join(f"w{i}" for i in range(100))
+    rows = [("Install", text), ("Install", text), ("Install", text), (None, text), ("Usage", "only four words here")]
+    out = query_texts(rows, seed=1)
+    assert out == query_texts(rows, seed=1) and out != query_texts(rows, seed=2)
+    assert len(out) == len(rows)
+    # Even rows take their heading unless it was used (row 2 repeats row 0's); odd rows and row 2 take fragments.
+    assert out[0] == "Install"
+    for fragment in (out[1], out[2], out[3]):
+        words = fragment.split()
+        assert QUERY_FRAGMENT_WORDS[0] <= len(words) <= QUERY_FRAGMENT_WORDS[1]
+        assert fragment in text  # consecutive words of the text
+    assert out[4] == "Usage"
+    assert query_texts([(None, "only four words here")]) == ["only four words here"]

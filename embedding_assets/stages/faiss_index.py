@@ -15,7 +15,10 @@
    - *full*: the coarse quantizer is trained again on a sample of the codes and every code is added.
 3. **Tuning**: nprobe (and for ``binary`` the rescore multiplier) are chosen on the version's own
    search code so that recall@10 against exact float32 search reaches the target with a sampling margin;
-   among settings that reach it, the cheapest (``estimate_cost``).
+   among settings that reach it, the cheapest (``estimate_cost``). The tuning queries are text queries by
+   default: headings and text fragments of sampled rows embedded by the model (``ivf.query_texts``), because
+   corpus vectors as queries overstate recall for real queries (RESULTS.md, issue 14: tuned on corpus vectors
+   the binary index kept recall@10 0.83 for text queries against 0.96 for corpus vectors).
 4. **Publishing** through the index store: gates run first (``gate_snapshot`` before building,
    ``gate_index`` before publishing); at most one build runs at a time (the store's build lock).
 """
@@ -37,9 +40,11 @@ import pyarrow.parquet as pq
 from embedding_assets.core import index_version as iv
 from embedding_assets.core.ivf import (
     MIN_POINTS_PER_CENTROID,
+    QUERY_FRAGMENT_WORDS,
     IndexBuildError,
     choose_nlist,
     exact_top_k,
+    query_texts,
     required_recall,
     retrain_reason,
     sample_rows,
@@ -53,6 +58,14 @@ from resources.warehouse import WarehouseResource, arrow_to_vectors
 MAX_TRAINING_POINTS_PER_CENTROID = 64  # FAISS: 39-256; k-means cost grows with it, quality hardly past 64
 # How nprobe is tuned; an index tuned by another rule is re-tuned, not kept as is.
 NPROBE_RULE = "cheapest (nprobe, rescore multiplier) with sample recall >= required_recall(target, queries, k, z=1.645)"
+# What the tuning queries are (``IndexSettings.tuning_queries``):
+# - text: ``ivf.query_texts`` of the sampled rows (seed 1) embedded by the model: where real queries land;
+# - vectors: the sampled rows' own float32 vectors, own id left out (for vectors without texts, e.g.
+#   synthetic ones; optimistic for text queries).
+TUNING_QUERIES = {
+    "text": f"model-embedded query_texts of the sampled rows, fragments of {QUERY_FRAGMENT_WORDS[0]}-{QUERY_FRAGMENT_WORDS[1]} words",
+    "vectors": "the sampled rows' float32 vectors, own id left out",
+}
 RESCORE_MULTIPLIERS = (1, 2, 4, 8, 16, 32)
 BATCH_ROWS = 8192
 SNAPSHOT_FILE = "snapshot.parquet"
@@ -83,12 +96,15 @@ class IndexSettings:
     min_nlist: int = 8
     max_growth: float = 2.0  # retrain when the corpus grows past this multiple of the trained count
     lexical: bool = True  # a BM25 index of the rows inside the version (hybrid and lexical search)
+    tuning_queries: str = "text"  # a key of TUNING_QUERIES; "text" needs the model's encoder at build time
 
     def __post_init__(self):
         if self.layout not in iv.LAYOUTS:
             raise IndexBuildError(f"index layout {self.layout!r} is not one of {', '.join(iv.LAYOUTS)} (EMBEDDING_INDEX_LAYOUT)")
         if not self.target_recall > 0.0:  # above 1 is allowed and unreachable: the recall gate then refuses
             raise IndexBuildError(f"target recall must be > 0, got {self.target_recall} (EMBEDDING_TARGET_RECALL)")
+        if self.tuning_queries not in TUNING_QUERIES:
+            raise IndexBuildError(f"tuning queries {self.tuning_queries!r} is not one of {', '.join(TUNING_QUERIES)}")
         if self.recall_queries < 1 or self.recall_k < 1 or self.min_nlist < 1:
             raise IndexBuildError("recall_queries, recall_k and min_nlist must be >= 1")
 
@@ -96,7 +112,7 @@ class IndexSettings:
         """The settings a published version must share to be kept as is."""
         return {"layout": self.layout, "target_recall": self.target_recall, "recall_k": min(self.recall_k, count),
                 "recall_queries": self.recall_queries, "min_nlist": self.min_nlist, "nprobe_rule": NPROBE_RULE,
-                "lexical": self.lexical}
+                "tuning_queries": f"{self.tuning_queries}: {TUNING_QUERIES[self.tuning_queries]}", "lexical": self.lexical}
 
 
 @dataclass
@@ -139,6 +155,8 @@ class Snapshot:
 
 
 GateFn = Callable[..., None]
+# Texts -> (n, dim) float32 unit vectors with the model the index is built for (the model resource's encode).
+QueryEncoder = Callable[[list[str]], np.ndarray]
 
 
 def _no_gate(*args, **kwargs) -> None:
@@ -200,14 +218,21 @@ def build_and_publish(
     gate_snapshot: GateFn = _no_gate,
     gate_index: GateFn = _no_gate,
     progress: ProgressFn = no_progress,
+    query_encoder: QueryEncoder | None = None,
 ) -> tuple[IndexReport, PublishedIndex]:
     """Build a version from one snapshot of the live set and publish it (or keep the current one if nothing changed).
+
+    ``query_encoder`` embeds the tuning queries when ``settings.tuning_queries`` is ``"text"`` (then it is
+    required: IndexBuildError without it); it must be the model of ``model_fingerprint``.
 
     ``gate_snapshot(snapshot_path, count)`` runs before anything is built and ``gate_index(manifest, count)`` before
     publishing; either raises to stop, and then the current version stays current.
     Raises IndexBuildError when there is nothing to index or the vectors cannot be indexed.
     """
     started = time.perf_counter()
+    if settings.tuning_queries == "text" and query_encoder is None:
+        raise IndexBuildError("tuning on text queries needs the model's encoder: pass query_encoder "
+                              "(or IndexSettings(tuning_queries='vectors') for vectors without texts)")
     report = IndexReport(dimension=dimension, layout=settings.layout)
     # Nothing to do needs no lock and writes nothing (a read-only home can still confirm its index).
     kept = _unchanged_now(warehouse, index_store, model_fingerprint, dimension, settings)
@@ -234,7 +259,8 @@ def build_and_publish(
         report.count, report.pending = snapshot.count, snapshot.pending
         gate_snapshot(snapshot.path, snapshot.count)
         scratch = stack.enter_context(index_store.new_version())
-        manifest = _build(snapshot, current, scratch, report, model_fingerprint, dimension, settings, progress)
+        manifest = _build(snapshot, current, scratch, report, model_fingerprint, dimension, settings, progress,
+                          query_encoder)
         gate_index(manifest, snapshot.count)
         published = index_store.publish(scratch, manifest)
     report.version = published.version
@@ -294,7 +320,8 @@ def _report_kept(report: IndexReport, kept: PublishedIndex) -> None:
 
 
 def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, report: IndexReport,
-           fingerprint: str, dimension: int, settings: IndexSettings, progress: ProgressFn) -> dict[str, Any]:
+           fingerprint: str, dimension: int, settings: IndexSettings, progress: ProgressFn,
+           query_encoder: QueryEncoder | None = None) -> dict[str, Any]:
     n, layout, ranges = snapshot.count, settings.layout, snapshot.ranges
     if ranges.shape != (2, dimension):
         raise IndexBuildError(f"calibration ranges have shape {ranges.shape}, the model's dimension is {dimension}")
@@ -321,9 +348,12 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
         report.added = n
     report.training_points = int(trained["training_points"])
 
-    # One pass over the snapshot: the version's row files, and the codes the index still needs.
+    # One pass over the snapshot: the version's row files, the codes the index still needs, and what the
+    # tuning queries are made of (the sampled rows' vectors, or their headings and texts).
+    text_queries = settings.tuning_queries == "text"
     query_rows = sample_rows(n, min(n, settings.recall_queries), seed=1)
     queries = np.empty((len(query_rows), dimension), dtype=np.float32)
+    query_sources: list[tuple[str | None, str]] = []
     ids_out = np.lib.format.open_memmap(scratch / iv.IDS_FILE, mode="w+", dtype=np.int64, shape=(n,))
     hashes_out = np.lib.format.open_memmap(scratch / iv.CODE_HASHES_FILE, mode="w+", dtype=np.uint64, shape=(n,))
     int8_out = (np.lib.format.open_memmap(scratch / iv.INT8_FILE, mode="w+", dtype=np.int8, shape=(n, dimension))
@@ -346,7 +376,9 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
             if take.any():
                 iv.add(index, layout, ids[take], int8_codes[take], binary_codes[take], ranges)
             in_batch = (query_rows >= position) & (query_rows < position + rows)
-            if in_batch.any():
+            if in_batch.any() and text_queries:
+                query_sources += [_heading_and_text(batch, int(row)) for row in query_rows[in_batch] - position]
+            elif in_batch.any():
                 queries[in_batch] = arrow_to_vectors(batch.column("vector"), dimension)[query_rows[in_batch] - position]
             position += rows
             progress("faiss_index", position, n, "vectors")
@@ -360,10 +392,14 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
     iv.write_index(index, scratch / iv.INDEX_FILE[layout])
     vocabulary = iv.build_lexical(scratch, _lexical_texts(scratch)) if settings.lexical else 0
 
-    # The tuning queries are corpus vectors; each one's own vector would be a free hit and inflate recall
-    # (by ~1/k), so it is left out of both lists: recall as an unseen query would see it.
-    k = min(settings.recall_k, max(n - 1, 1))
-    query_ids = np.load(scratch / iv.IDS_FILE, mmap_mode="r")[query_rows]
+    if text_queries:
+        queries, query_ids = _embed_queries(query_encoder, query_texts(query_sources, seed=1), dimension), None
+        k = min(settings.recall_k, n)
+    else:
+        # A corpus vector's own vector would be a free hit and inflate recall (by ~1/k), so it is left out
+        # of both lists: recall as an unseen query would see it.
+        k = min(settings.recall_k, max(n - 1, 1))
+        query_ids = np.load(scratch / iv.IDS_FILE, mmap_mode="r")[query_rows] if n > 1 else None
     truth = _without(exact_top_k(queries, _float_batches(snapshot, dimension), k + 1), query_ids, k)
     manifest: dict[str, Any] = {
         "format": iv.FORMAT,
@@ -377,6 +413,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
         "rescore_multiplier": 1,
         "digest": snapshot.digest,
         "tuning": settings.tuning(n),
+        "tuning_queries": settings.tuning_queries,
         "recall_k": k,
         "target_recall": settings.target_recall,
         "tuned_to_recall": required_recall(settings.target_recall, len(queries), k),
@@ -389,7 +426,7 @@ def _build(snapshot: Snapshot, current: PublishedIndex | None, scratch: Path, re
     }
     version = iv.IndexVersion.open(scratch, {**manifest, "files": _sizes(scratch, layout)})
     manifest["nprobe"], manifest["rescore_multiplier"], manifest["recall_at_k"] = _tune(
-        version, queries, query_ids if n > 1 else None, truth, k, settings)
+        version, queries, query_ids, truth, k, settings)
     report.nlist, report.nprobe = manifest["nlist"], manifest["nprobe"]
     report.rescore_multiplier, report.recall_at_k = manifest["rescore_multiplier"], manifest["recall_at_k"]
     report.index_bytes = (scratch / iv.INDEX_FILE[layout]).stat().st_size
@@ -437,6 +474,20 @@ def _incremental_start(snapshot, current, live_ids, report, fingerprint, dimensi
     trained = {key: m.get(key) for key in ("trained_count", "trained_similarity", "training_points")}
     trained["training_points"] = trained["training_points"] or 0
     return index, added, trained
+
+
+def _heading_and_text(batch: pa.RecordBatch, row: int) -> tuple[str | None, str]:
+    """A row's last heading (else its document's title) and its text, as ``query_texts`` reads them."""
+    headings = json.loads(batch.column("heading_path")[row].as_py() or "[]")
+    return (headings[-1] if headings else batch.column("title")[row].as_py()), batch.column("text")[row].as_py() or ""
+
+
+def _embed_queries(encoder: QueryEncoder, texts: list[str], dimension: int) -> np.ndarray:
+    vectors = np.ascontiguousarray(encoder(texts), dtype=np.float32)
+    if vectors.shape != (len(texts), dimension):
+        raise IndexBuildError(f"the query encoder returned shape {vectors.shape} for {len(texts)} texts, expected "
+                              f"({len(texts)}, {dimension}): pass the encoder of the model the codes were made with")
+    return vectors
 
 
 def _rewritten(snapshot: Snapshot, old_ids: np.ndarray, old_hashes: np.ndarray, dimension: int) -> np.ndarray:
