@@ -32,9 +32,9 @@ run: $(STAMP)
 test: system-deps $(STAMP)
 	$(BIN)/python -m pytest -q -n 3 --dist worksteal --durations=25
 
-## Unit tests only (no model, no graph run; under 2 minutes): everything not marked slow.
+## Unit tests only (no model, no graph run, no multi-second index builds; under 2 minutes on 2 workers): everything not marked slow.
 test-fast: system-deps $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 ## Lint with the security rules (ruff, [tool.ruff] in pyproject.toml) and load the definitions (dg check defs).
 check: $(STAMP)

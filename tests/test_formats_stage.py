@@ -54,6 +54,7 @@ def test_changing_one_format_recleans_only_its_documents(tmp_path, monkeypatch):
     assert again.cleaned == 2 and again.unchanged == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_document_over_the_time_budget_is_quarantined_and_the_source_goes_on(tmp_path, monkeypatch, workers):
     monkeypatch.setenv("EMBEDDING_CLEAN_WORKERS", workers)

@@ -79,6 +79,7 @@ def build(stores, **settings):
     return build_and_publish(warehouse, index_store, model_fingerprint=FP, dimension=DIM, settings=IndexSettings(**settings))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", iv.LAYOUTS)
 def test_lifecycle_full_incremental_retrain_unchanged(stores, layout):
     warehouse, index_store = stores
@@ -114,6 +115,7 @@ def test_lifecycle_full_incremental_retrain_unchanged(stores, layout):
     assert published.manifest["trained_count"] == 9200
 
 
+@pytest.mark.slow
 def test_drift_triggers_retraining(stores):
     warehouse, _ = stores
     centers = np.random.default_rng(0).standard_normal((40, DIM))

@@ -97,6 +97,7 @@ def _writer(home: str, start: int, count: int, done) -> None:
     done.set()
 
 
+@pytest.mark.slow
 def test_build_publishes_exactly_its_snapshot_while_another_process_writes(tmp_path):
     warehouse, store = WarehouseResource(home=str(tmp_path)), IndexStoreResource(home=str(tmp_path))
     centers = np.random.default_rng(0).standard_normal((40, DIM))
@@ -210,6 +211,7 @@ def _two_versions(stores):
     return older, newer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate chunks", "delete index", "delete folder", "garbage manifest", "flip a byte"])
 def test_damaged_current_version_is_passed_over_then_rebuilt(stores, damage, caplog):
     warehouse, store = stores

@@ -150,6 +150,7 @@ def test_ivf_trains_tunes_to_target_and_returns_our_ids(corpus):
     assert tune_nprobe(index, queries, truth, k=10, target_recall=0.95, z=0)[0] <= nprobe
 
 
+@pytest.mark.slow
 def test_tuned_nprobe_keeps_the_target_on_queries_it_never_saw():
     """The margin is there for this: tuned on one sample of 100 queries, the target still holds on
     400 others. 2,000 small clusters make recall climb slowly with nprobe, where tuning to the bare
