@@ -1,6 +1,6 @@
 """Edit locality of chunking: how many chunks a single-paragraph edit makes the pipeline embed again.
 
-    python -m benchmarks.edit_locality [--edits 50] [--pages N] [--seed 0] [--settings 254,0,160] [--max-seq-length 256]
+    python -m benchmarks.edit_locality [--edits 50] [--pages N] [--seed 0] [--settings 382,0,261] [--max-seq-length 384]
 
 Corpus: Debian's python3.11-doc HTML, cleaned by the project's cleaner. Each edit picks a random page
 and a random paragraph (text block) of it and either inserts a new paragraph after it (a paragraph
@@ -99,6 +99,7 @@ def main() -> None:
 
     from benchmarks.run import DEFAULT_CORPUS
     from embedding_assets.core.chunking import max_chunk_tokens
+    from embedding_assets.settings import Settings
     from resources.model import EmbeddingModelResource
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,7 +108,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--settings", default=None, help="chunk_tokens,overlap_tokens,min_chunk_tokens (default: the defaults)")
-    parser.add_argument("--max-seq-length", type=int, default=None)
+    parser.add_argument("--max-seq-length", type=int, default=Settings().max_seq_length,
+                        help="model input in tokens (default: the pipeline's, EMBEDDING_MAX_SEQ_LENGTH)")
     args = parser.parse_args()
     model = EmbeddingModelResource(max_seq_length=args.max_seq_length)
     tokenizer = AutoTokenizer.from_pretrained(str(model.model_path()))

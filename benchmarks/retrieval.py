@@ -49,7 +49,7 @@ K = 10
 HEADING_TAGS = ("h2", "h3")
 SENTENCE_WORDS = (10, 30)
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-DEFAULT_CONFIGS = ("254,0,160,0", "254,0,160,1", "254,0,180,1", "240,36,160,1", "380,0,260,1,384")
+DEFAULT_CONFIGS = ("382,0,261,1,384", "254,0,160,1", "318,0,210,1,320", "254,0,160,0", "240,36,160,1")  # the default first
 MODES = ("vector", "lexical", "hybrid")
 
 

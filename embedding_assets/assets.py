@@ -77,7 +77,9 @@ class RawDocumentsConfig(dg.Config):
 
 def _unset_means(field: str, what: str) -> str:
     """A config field's description: unset (the default) takes the EMBEDDING_* setting, read when the run starts."""
-    return f"{what} Unset: {Settings.env_name(field)} (default {Settings.model_fields[field].default})."
+    info = Settings.model_fields[field]
+    default = (info.json_schema_extra or {}).get("doc_default", info.default)
+    return f"{what} Unset: {Settings.env_name(field)} (default {default})."
 
 
 class ChunkingConfig(dg.Config):

@@ -138,12 +138,24 @@ class EmbeddingModelResource(ConfigurableResource):
         return "bfloat16" if _cpu_has_native_bf16() else "float32"
 
     def effective_max_seq_length(self) -> int:
-        native = _read_json(self.model_path() / "sentence_bert_config.json").get("max_seq_length") or 512
+        """The model input length in tokens: ``max_seq_length`` when set, else the model's own
+        (sentence_bert_config.json). A set value may exceed the model's own default up to what its
+        position embeddings hold (config.json ``max_position_embeddings``; beyond that the model cannot
+        read the tokens): a longer value is refused naming both, never clamped silently."""
+        path = self.model_path()
+        native = int(_read_json(path / "sentence_bert_config.json").get("max_seq_length") or 512)
         if self.max_seq_length is None:
-            return int(native)
+            return native
         if self.max_seq_length < 8:
             raise ModelConfigError(f"max_seq_length={self.max_seq_length} is too small (EMBEDDING_MAX_SEQ_LENGTH)")
-        return min(int(self.max_seq_length), int(native))
+        ceiling = int(_read_json(path / "config.json").get("max_position_embeddings") or native)
+        ceiling = max(native, ceiling - _position_offset(path))
+        if self.max_seq_length > ceiling:
+            raise ModelConfigError(
+                f"max_seq_length={self.max_seq_length} is over what {self.model} can read ({ceiling} tokens: its "
+                f"position embeddings; its own default is {native}) (EMBEDDING_MAX_SEQ_LENGTH)"
+            )
+        return int(self.max_seq_length)
 
     def dimension(self) -> int:
         """Embedding dimension, from the pooling config (loads the model only if a Dense layer follows)."""
@@ -439,6 +451,12 @@ def _folder_digest(path: str) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _position_offset(path: Path) -> int:
+    """Position ids a model reserves before the first token (RoBERTa-style models start at padding_idx + 1 = 2)."""
+    config = _read_json(path / "config.json")
+    return 2 if config.get("model_type") in ("roberta", "xlm-roberta", "camembert", "mpnet") else 0
 
 
 def _read_json(path: Path) -> Any:

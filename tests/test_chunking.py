@@ -333,3 +333,17 @@ def test_an_edit_to_one_paragraph_changes_only_chunks_of_its_section(tokenizer, 
     edit_start = before_doc.text.index(sections[target][position])
     upstream = [c for c in chunk_document(before_doc, tokenizer, LOCAL, max_tokens) if c.end <= edit_start]
     assert all((c.context, c.text) in after for c in upstream[:-1])
+
+
+def test_default_sizes_follow_the_model_input():
+    """Unset chunk_tokens takes all the model input holds and unset min_chunk_tokens 68% of that limit
+    (260 of 380, the measured best), so a shorter or longer max_seq_length keeps a window with slack;
+    set values are taken as given (the floor never above the limit)."""
+    from embedding_assets.core.chunking import chunk_floor, validate_settings
+
+    auto = ChunkingSettings()
+    assert (validate_settings(auto, 382), chunk_floor(auto, 382)) == (382, 261)
+    assert (validate_settings(auto, 254), chunk_floor(auto, 254)) == (254, 174)
+    given = ChunkingSettings(chunk_tokens=300, min_chunk_tokens=120)
+    assert (validate_settings(given, 382), chunk_floor(given, 382)) == (300, 120)
+    assert chunk_floor(ChunkingSettings(chunk_tokens=100, min_chunk_tokens=150), 100) == 100

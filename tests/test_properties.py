@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from embedding_assets.core.chunking import ChunkingSettings, chunk_document, max_chunk_tokens
+from embedding_assets.core.chunking import ChunkingSettings, chunk_document, max_chunk_tokens, validate_settings
 from embedding_assets.core.cleaning import SUPPORTED_SUFFIXES, CleaningError, clean_document
 
 SUFFIXES = sorted(SUPPORTED_SUFFIXES)
@@ -44,9 +44,9 @@ RAW_BYTES = st.one_of(
 )
 CHUNK_SETTINGS = st.builds(
     ChunkingSettings,
-    chunk_tokens=st.integers(min_value=4, max_value=300),
+    chunk_tokens=st.none() | st.integers(min_value=4, max_value=300),
     overlap_tokens=st.integers(min_value=0, max_value=60),
-    min_chunk_tokens=st.integers(min_value=0, max_value=80),
+    min_chunk_tokens=st.none() | st.integers(min_value=0, max_value=80),
 )
 
 
@@ -80,7 +80,7 @@ def test_chunker_respects_the_token_limit_and_offsets(data, suffix, chunking):
     except CleaningError:
         return
     chunks = chunk_document(doc, _TOKENIZER, chunking, _MAX_TOKENS)
-    limit = min(chunking.chunk_tokens, _MAX_TOKENS)
+    limit = validate_settings(chunking, _MAX_TOKENS)
     for ordinal, chunk in enumerate(chunks):
         assert chunk.ordinal == ordinal
         assert 0 <= chunk.start < chunk.end <= len(doc.text)
@@ -104,5 +104,6 @@ def test_giant_single_word_is_split_within_the_limit(suffix):
     doc = clean_document(data, suffix)
     chunks = chunk_document(doc, _TOKENIZER, ChunkingSettings(), _MAX_TOKENS)
     assert len(chunks) > 1
-    limit = min(ChunkingSettings().chunk_tokens, _MAX_TOKENS)
+    limit = validate_settings(ChunkingSettings(), _MAX_TOKENS)
+    assert limit == _MAX_TOKENS  # unset chunk_tokens: all the model input holds
     assert all(c.token_count <= limit and doc.text[c.start : c.end] == c.text for c in chunks)

@@ -60,9 +60,10 @@ def test_values_come_from_the_environment_when_asked(monkeypatch, tmp_path):
     monkeypatch.setenv("EMBEDDING_CHUNK_TOKENS", "120")
     monkeypatch.setenv("EMBEDDING_LEXICAL_INDEX", "off")
     monkeypatch.setenv("EMBEDDING_HOME", str(tmp_path / "h"))
-    monkeypatch.setenv("EMBEDDING_MAX_SEQ_LENGTH", "")  # empty = unset
+    monkeypatch.setenv("EMBEDDING_MAX_SEQ_LENGTH", "")  # empty = unset: the default
+    monkeypatch.setenv("EMBEDDING_MIN_CHUNK_TOKENS", "")
     s = load_settings()
-    assert (s.chunk_tokens, s.lexical_index, s.max_seq_length) == (120, False, None)
+    assert (s.chunk_tokens, s.lexical_index, s.max_seq_length, s.min_chunk_tokens) == (120, False, 384, None)
     assert s.home_path == tmp_path / "h"
     assert build_resources(s)["warehouse"].home == str(tmp_path / "h")
 

@@ -23,7 +23,7 @@ shown) stays a slice of the document.
 
 Guarantees of ``chunk_document``, on any input:
 
-- every chunk has ``token_count <= min(settings.chunk_tokens, max_tokens)`` and
+- every chunk has ``token_count <=`` the limit (``chunk_tokens``, at most ``max_tokens``) and
   ``embed_token_count <= max_tokens``, counted by the same tokenizer without special tokens;
 - ``chunk.text == doc.text[chunk.start:chunk.end]``, never empty, never starting or ending
   with whitespace; chunks are ordered by start, ordinals are ``0..n-1``; every non-whitespace
@@ -77,17 +77,24 @@ class ChunkingError(ValueError):
 class ChunkingSettings:
     """How large chunks are, in tokens of the embedding model's tokenizer (special tokens excluded).
 
-    ``chunk_tokens``: maximum tokens of a chunk's text; ``overlap_tokens``: tokens repeated after a
-    cut inside a block; ``min_chunk_tokens``: the smallest chunk a cut may leave (the start of the
-    window a cut is chosen in, so chunks are between it and ``chunk_tokens`` except a document's
-    last one); ``contextual``: the model reads title and heading path before the text.
-    Defaults are the measured best (benchmarks/RESULTS.md, "Retrieval").
+    ``chunk_tokens``: maximum tokens of a chunk's text, None = all the model input holds
+    (``max_tokens``); ``overlap_tokens``: tokens repeated after a cut inside a block;
+    ``min_chunk_tokens``: the smallest chunk a cut may leave (the start of the window a cut is chosen
+    in, so chunks are between it and the limit except a document's last one), None =
+    ``MIN_CHUNK_SHARE`` of the limit; ``contextual``: the model reads title and heading path before the text.
+    Defaults are the measured best (benchmarks/RESULTS.md, "Retrieval"): relative to the model input, so
+    a shorter or longer ``max_seq_length`` keeps the same shape of window (a floor at the limit would
+    leave no slack for edit-local cuts).
     """
 
-    chunk_tokens: int = 254
+    chunk_tokens: int | None = None
     overlap_tokens: int = 0
-    min_chunk_tokens: int = 160
+    min_chunk_tokens: int | None = None
     contextual: bool = True
+
+
+# The default floor as a share of the limit: 260 of 380 tokens, the measured best (at a 254 limit: 174).
+MIN_CHUNK_SHARE = 260 / 380
 
 
 @dataclass(frozen=True)
@@ -507,14 +514,20 @@ def _contexts(title: str | None, spans: list[tuple[int, int, tuple[str, ...], in
 
 def validate_settings(settings: ChunkingSettings, max_tokens: int) -> int:
     """The effective token limit of these settings; ChunkingError naming the setting when they are invalid."""
-    limit = min(settings.chunk_tokens, max_tokens)
+    limit = max_tokens if settings.chunk_tokens is None else min(settings.chunk_tokens, max_tokens)
     if limit < 1:
         raise ChunkingError(
             f"chunk limit must be positive, got chunk_tokens={settings.chunk_tokens}, max_tokens={max_tokens}"
         )
-    if settings.overlap_tokens < 0 or settings.min_chunk_tokens < 0:
+    if settings.overlap_tokens < 0 or (settings.min_chunk_tokens or 0) < 0:
         raise ChunkingError(f"overlap_tokens and min_chunk_tokens must be >= 0: {settings}")
     return limit
+
+
+def chunk_floor(settings: ChunkingSettings, limit: int) -> int:
+    """The smallest chunk a cut may leave under ``limit``: ``min_chunk_tokens``, or its share of the limit when unset."""
+    wanted = round(limit * MIN_CHUNK_SHARE) if settings.min_chunk_tokens is None else settings.min_chunk_tokens
+    return min(wanted, limit)
 
 
 def _majority_path(stream: _Stream, first: int, stop: int) -> tuple[str, ...]:
@@ -526,7 +539,7 @@ def _majority_path(stream: _Stream, first: int, stop: int) -> tuple[str, ...]:
 
 
 def chunk_document(doc: CleanedDocument, tokenizer: Any, settings: ChunkingSettings, max_tokens: int) -> list[Chunk]:
-    """Cut a cleaned document into chunks of at most ``min(settings.chunk_tokens, max_tokens)`` tokens.
+    """Cut a cleaned document into chunks of at most ``validate_settings(settings, max_tokens)`` tokens.
 
     Args:
         doc: a cleaned document (its blocks drive the cuts; without blocks the text is one block).
@@ -544,7 +557,7 @@ def chunk_document(doc: CleanedDocument, tokenizer: Any, settings: ChunkingSetti
     limit = validate_settings(settings, max_tokens)
     # Overlap is capped so that every split advances by at least a quarter of the limit.
     overlap = min(settings.overlap_tokens, limit // 4)
-    floor = min(settings.min_chunk_tokens, limit)
+    floor = chunk_floor(settings, limit)
 
     stream = _stream(doc, tokenizer)
     spans: list[tuple[int, int, tuple[str, ...]]] = []

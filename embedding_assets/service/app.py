@@ -94,6 +94,7 @@ def create_app(*, model: EmbeddingModelResource, cache: EmbeddingCacheResource, 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        _one_faiss_thread()
         # Fingerprint and dimension read the model folder (no weights): on a thread, once.
         state.batcher = await run_in_threadpool(
             lambda: EmbeddingBatcher(model, cache, state.metrics, max_wait_s=state.settings.batch_wait_ms / 1000,
@@ -234,6 +235,15 @@ def create_app_from_env() -> FastAPI:
 
     return create_app(model=model_resource(), cache=cache_resource(), index_store=index_store_resource(),
                       settings=ServiceSettings.from_env())
+
+
+def _one_faiss_thread() -> None:
+    """FAISS searches one query per call on a request thread: an OpenMP team per call only adds
+    hand-offs and spin-waits on the cores the model's batches need (10-50 ms tails measured under load,
+    benchmarks/RESULTS.md). Process-wide, so only the service sets it."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
 
 
 async def _warm_up(state: _State) -> None:
