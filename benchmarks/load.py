@@ -245,6 +245,33 @@ def findings(phases: list[dict], swap: dict, batch_mean: float) -> list[str]:
     return lines
 
 
+def model_floor(words: list[str], run: str, rounds: int = 15) -> dict:
+    """The model alone, in this process (the servers idle): median ms of ``encode`` for 1 and for 8 unique
+    queries of the /search phases' kind, with the pipeline's model resource (same dtype, streams, threads).
+    At 8 closed-loop clients every request needs its share of such a batch, so /search p95 there cannot go
+    below one 8-query forward pass, whatever the service does around it."""
+    from embedding_assets.settings import model_resource
+
+    model = model_resource()
+    make = requests_for("/search", words, run + "m")
+
+    def query(n: int) -> str:
+        return urllib.parse.parse_qs(make(n)[1].split("?", 1)[1])["q"][0]
+
+    model.encode([query(0)])  # load
+    out, n = {}, 1
+    for size in (1, 8):
+        times = []
+        for _ in range(rounds):
+            texts = [query(n + i) for i in range(size)]
+            n += size
+            started = time.perf_counter()
+            model.encode(texts)
+            times.append(time.perf_counter() - started)
+        out[size] = round(1000 * statistics.median(times), 1)
+    return {"one_query_ms": out[1], "eight_queries_ms": out[8], "dtype": model.resolved_dtype()}
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -334,7 +361,13 @@ def main(argv: list[str] | None = None) -> int:
             "vectors": vectors,
             "batch_wait_ms": settings.batch_wait_ms, "batch_tokens": settings.batch_tokens,
         }
-        results["findings"] = findings(phases, swap, batch_mean)
+        floor = model_floor(corpus_words(), run)
+        results["model_floor"] = floor
+        results["findings"] = findings(phases, swap, batch_mean) + [
+            f"the model alone in the benchmark's process (servers idle, {floor['dtype']}): one /search query "
+            f"{floor['one_query_ms']} ms, a batch of 8 unique queries {floor['eight_queries_ms']} ms (median of 15): "
+            "at 8 closed-loop clients each /search answer waits for at least one such batch, so its p95 cannot go "
+            "below that on this machine, before HTTP, search and the client's own CPU time on the same cores"]
         report = markdown(results)
         print(report)
         (tmp / "results.json").write_text(json.dumps(results, indent=2))

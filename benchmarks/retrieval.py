@@ -15,7 +15,8 @@ Rows, all in one run:
 
 - ``naive``: BeautifulSoup text of every page, word windows of 200 every 150 (``benchmarks.baseline``),
   exact float32 inner-product search with the same model, hits folded to pages;
-- one row per configuration (``--config chunk_tokens,overlap_tokens,min_chunk_tokens,contextual``) and
+- one row per configuration (``--config chunk_tokens,overlap_tokens,min_chunk_tokens,contextual[,max_seq_length]``,
+  the model's own 256 without the fifth number) and
   search mode: the project's own stages on a copy of the corpus (ingest, cleaning, chunking, dedup,
   embedding through the model resource and the cache resource, quantization, index build and publish)
   and ``embedding_assets.search.search_version`` on the published version, best chunk per document.
@@ -49,7 +50,7 @@ K = 10
 HEADING_TAGS = ("h2", "h3")
 SENTENCE_WORDS = (10, 30)
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-DEFAULT_CONFIGS = ("382,0,261,1,384", "254,0,160,1", "318,0,210,1,320", "254,0,160,0", "240,36,160,1")  # the default first
+DEFAULT_CONFIGS = ("382,0,261,1,384", "254,0,160,1,256", "318,0,210,1,320", "254,0,160,0,256", "240,36,160,1,256")  # the default first
 MODES = ("vector", "lexical", "hybrid")
 
 
@@ -231,7 +232,7 @@ def run_config(spec: str, base: Path, home: Path, queries: list[Query], query_ve
 
     chunk_tokens, overlap, minimum, contextual, *rest = (int(x) for x in spec.split(","))
     settings = ChunkingSettings(chunk_tokens, overlap, minimum, bool(contextual))
-    if rest:  # a longer model input than the model's own 256 (EMBEDDING_MAX_SEQ_LENGTH)
+    if rest:  # a model input other than the model's own 256 (EMBEDDING_MAX_SEQ_LENGTH; the pipeline's default is 384)
         model = EmbeddingModelResource(max_seq_length=rest[0])
         query_vectors = CachedEncoder(model, cache)([q.text for q in queries])
     if home.exists():
@@ -341,7 +342,7 @@ def main() -> None:
     print(f"{len(pages)} pages, {len(queries)} queries "
           f"({sum(q.kind == 'heading' for q in queries)} headings, {sum(q.kind == 'sentence' for q in queries)} sentences)",
           flush=True)
-    model = EmbeddingModelResource()
+    model = EmbeddingModelResource(max_seq_length=None)  # the model's own 256, as a hand-written pipeline has it
     cache = EmbeddingCacheResource(home=str(work / "shared"), redis_url=None)
     encode = CachedEncoder(model, cache)
     query_vectors = encode([q.text for q in queries])

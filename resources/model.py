@@ -65,6 +65,11 @@ class EncodeStats:
         return 0.0 if not self.padded_tokens else 1.0 - self.tokens / self.padded_tokens
 
 
+# The model input the known-item benchmark measured best for the default model (benchmarks/RESULTS.md,
+# "Chunk size and model input"); the pipeline's EMBEDDING_MAX_SEQ_LENGTH default too.
+DEFAULT_MAX_SEQ_LENGTH = 384
+
+
 class EmbeddingModelResource(ConfigurableResource):
     """A sentence-transformers model on the best device found (CUDA, then MPS, then CPU)."""
 
@@ -103,7 +108,10 @@ class EmbeddingModelResource(ConfigurableResource):
         "Ignored on CUDA/MPS.",
     )
     max_seq_length: int | None = Field(
-        default=None, description="Truncate inputs to this many tokens; default: the model's own limit."
+        default=DEFAULT_MAX_SEQ_LENGTH,
+        description="Model input in tokens (inputs are truncated to it; chunks are sized to it). Default 384, the "
+        "known-item benchmark's best for all-MiniLM-L6-v2 (its own default is 256, its position embeddings hold "
+        "512); None = the model's own default. Over the model's position embeddings: refused.",
     )
 
     _loaded: Any = PrivateAttr(default=None)

@@ -92,10 +92,11 @@ def test_max_seq_length_too_small_is_refused_naming_the_setting():
 def test_max_seq_length_past_the_models_default_is_honoured_up_to_its_position_embeddings():
     """all-MiniLM-L6-v2 defaults to 256 tokens and has 512 position embeddings: 384 is taken as asked
     (it was once clamped to 256 without a word), 512 is the ceiling, 513 is refused naming both limits."""
-    assert EmbeddingModelResource().effective_max_seq_length() == 256
+    assert EmbeddingModelResource(max_seq_length=None).effective_max_seq_length() == 256  # the model's own
+    assert EmbeddingModelResource().effective_max_seq_length() == 384  # the default, the pipeline's too
     assert EmbeddingModelResource(max_seq_length=384).effective_max_seq_length() == 384
     assert EmbeddingModelResource(max_seq_length=512).effective_max_seq_length() == 512
-    assert EmbeddingModelResource(max_seq_length=384).model_fingerprint() != EmbeddingModelResource().model_fingerprint()
+    assert EmbeddingModelResource().model_fingerprint() != EmbeddingModelResource(max_seq_length=None).model_fingerprint()
     with pytest.raises(ModelConfigError, match=r"max_seq_length=513 .*512 tokens.*own default is 256.*EMBEDDING_MAX_SEQ_LENGTH"):
         EmbeddingModelResource(max_seq_length=513).effective_max_seq_length()
 
