@@ -162,9 +162,10 @@ def test_audit_catches_well_formed_vectors_of_other_text_and_distrusts_redis(tmp
 
 
 def test_a_mismatch_in_a_later_batch_redoes_what_earlier_batches_took_from_redis(tmp_path, instance, redis_server, monkeypatch):
-    # Batches of 2: the corpus's "beta" source has 8 chunks with the default chunk size, enough for three batches.
+    # Batches of 2: the corpus's "beta" source has 8 chunks at a 256-token model input (5 at the default
+    # 384), enough for three batches.
     monkeypatch.setattr(embeddings_stage, "BATCH_CHUNKS", 2)  # several batches from the small corpus
-    pipeline = make_pipeline(tmp_path, instance, redis_url=redis_server.url)
+    pipeline = make_pipeline(tmp_path, instance, redis_url=redis_server.url, max_seq_length=256)
     fingerprint = pipeline.run_source("beta")["embeddings"]["model_fingerprint"]
     ids = sorted(stored(pipeline, "beta"))
     assert len(ids) >= 6

@@ -81,7 +81,9 @@ def test_cross_partition_duplicates_keep_provenance(built):
     # rock-pools.html is tide-pools.html with one sentence changed: every other chunk is a duplicate.
     near = [r for r in rows if r[0] == "rock-pools.html"]
     duplicates = [r for r in near if r[1] != "canonical"]
-    assert len(near) >= 2 and len(duplicates) >= len(near) - 1  # 2 chunks of ~250 tokens (the default size)
+    # One chunk at the default size (382 tokens), two or more at smaller ones: all but at most one (the
+    # changed sentence's, when its similarity falls under the threshold) are duplicates of tide-pools.html.
+    assert near and len(duplicates) >= max(1, len(near) - 1)
     assert all(orig == "tide-pools.html" for _, _, orig in duplicates)
 
 
