@@ -81,11 +81,9 @@ class DuckDBConnection:
         if batch.num_rows == 0:
             return 0
         self._con.register("_insert_batch", batch)
-        try:
+        with self._unregistered("_insert_batch"):
             names = ", ".join(batch.column_names)
             self._con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch")  # noqa: S608 - table and column names come from the caller's constant schema, never from input
-        finally:
-            self._con.unregister("_insert_batch")
         return batch.num_rows
 
     def fetch_arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
@@ -97,10 +95,21 @@ class DuckDBConnection:
     @contextlib.contextmanager
     def scratch_table(self, name: str, columns: dict[str, Any], types: dict[str, str]) -> Iterator[None]:
         self._con.register(name, pa.table(columns))  # an Arrow scan: nothing copied
+        with self._unregistered(name):
+            yield
+
+    @contextlib.contextmanager
+    def _unregistered(self, name: str) -> Iterator[None]:
+        """Unregister the Arrow view ``name`` after the block. When the block failed, DuckDB may refuse
+        (an aborted transaction, e.g. after a full disk); that refusal must not hide the error that
+        matters, and the view ends with the unit of work's cursor anyway."""
         try:
             yield
-        finally:
-            self._con.unregister(name)
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                self._con.unregister(name)
+            raise
+        self._con.unregister(name)
 
     def invalid_vector(self, column: str) -> str:
         return f"""({column} IS NULL OR len({column}) <> ?
@@ -113,9 +122,10 @@ class DuckDBConnection:
 
 @contextlib.contextmanager
 def connect(path: Path, *, read_only: bool, lock_timeout_seconds: float) -> Iterator[DuckDBConnection]:
-    """One short unit of work: lock, open, yield a connection, commit or roll back, close, unlock.
+    """One short unit of work: lock, attach, yield a connection, commit or roll back, detach, unlock.
 
-    Writers are serialized across processes; readers share the lock with each other.
+    Writers are serialized across processes and threads; readers share the lock (and, in one process,
+    the attachment) with each other. When this returns, another process can open the file at once.
     A unit of work that raises is rolled back, so nothing already stored is lost.
 
     Storage failures become WarehouseError with a message naming the file and what to do: a
