@@ -42,7 +42,7 @@ from embedding_assets.stages.embeddings import embed_source
 from embedding_assets.stages.faiss_index import IndexSettings, build_and_publish
 from embedding_assets.stages.quantized_embeddings import quantize_source
 from embedding_assets.stages.raw_documents import ingest_source
-from embedding_assets.stages.signals import ASSET_TABLES, corpus_totals, partition_data_version, table_columns
+from embedding_assets.stages.signals import ASSET_TABLES, corpus_totals, partition_signals
 from resources import (
     DocumentSourcesResource,
     EmbeddingCacheResource,
@@ -137,8 +137,8 @@ def _given(value, setting):
 def _partition_signals(warehouse: WarehouseResource, asset: str, source: str) -> tuple[dg.DataVersion, dict]:
     """The data version of one source's rows (unchanged rows: unchanged version, so a no-op run leaves
     downstream assets synced) and the column schema of the asset's table, as the database has it."""
-    version = dg.DataVersion(partition_data_version(warehouse, asset, source))
-    columns = table_columns(warehouse, ASSET_TABLES[asset])
+    digest, columns = partition_signals(warehouse, asset, source)  # one read-only unit of work
+    version = dg.DataVersion(digest)
     schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns])
     return version, {"dagster/column_schema": schema, "dagster/table_name": f"warehouse.{ASSET_TABLES[asset]}"}
 

@@ -8,7 +8,7 @@
 - ``corpus_totals``: documents and chunks per source in the warehouse, and vectors per source in a
   published index version (its own chunk map, so it counts what search can find).
 
-Read-only; each takes the warehouse's shared lock for one short read.
+Read-only; each takes the warehouse's shared lock for one short read (one unit of work).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from resources.warehouse import WarehouseResource
+from resources.warehouse import WarehouseConnection, WarehouseResource
 
 # Per stage: (table, columns whose values are the stage's output for one source, ordering key).
 # A column left out here may change without the data version moving, so list every output column
@@ -34,7 +34,14 @@ VERSIONED_TABLES: dict[str, tuple[str, tuple[str, ...], str]] = {
 ASSET_TABLES = {asset: table for asset, (table, _, _) in VERSIONED_TABLES.items()}
 
 
-def partition_data_version(warehouse: WarehouseResource, asset: str, source: str) -> str:
+def partition_signals(warehouse: WarehouseResource, asset: str, source: str) -> tuple[str, list[tuple[str, str]]]:
+    """The data version of ``source``'s rows of ``asset`` (``partition_data_version``) and the columns of
+    its table (``table_columns``), read in one read-only unit of work (one warehouse open per asset run)."""
+    with warehouse.connect(read_only=True) as con:
+        return partition_data_version(con, asset, source), table_columns(con, ASSET_TABLES[asset])
+
+
+def partition_data_version(con: WarehouseConnection, asset: str, source: str) -> str:
     """``rows-<count>-<md5>`` over the stage's output columns of ``source``, in key order.
 
     The same rows give the same string in every process and run; an empty partition gives
@@ -47,21 +54,20 @@ def partition_data_version(warehouse: WarehouseResource, asset: str, source: str
         f"SELECT count(*), md5(coalesce(string_agg(concat_ws('|', {values}), chr(10) ORDER BY {key}), '')) "  # noqa: S608 - names are constants of this module
         f"FROM {table} WHERE source = ?"
     )
-    count, digest = warehouse.query_rows(sql, [source])[0]
+    count, digest = con.execute(sql, [source]).fetchone()
     return f"rows-{count}-{digest}"
 
 
-def table_columns(warehouse: WarehouseResource, table: str) -> list[tuple[str, str]]:
+def table_columns(con: WarehouseConnection, table: str) -> list[tuple[str, str]]:
     """(column name, type) of a warehouse table in declaration order; [] before the table exists."""
-    if not warehouse.path.exists():
-        return []
-    return [
-        (str(name), str(kind))
-        for name, kind in warehouse.query_rows(
-            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
-            [table],
-        )
-    ]
+    # information_schema lists every database attached to the connection (DuckDB attaches each unit
+    # of work's file to a shared host), so name this one.
+    rows = con.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+        "AND table_schema = current_schema() AND table_catalog = current_database() ORDER BY ordinal_position",
+        [table],
+    ).fetchall()
+    return [(str(name), str(kind)) for name, kind in rows]
 
 
 @dataclass(frozen=True)
@@ -75,14 +81,15 @@ class SourceTotals:
 def corpus_totals(warehouse: WarehouseResource, version_path: Path | None) -> dict[str, SourceTotals]:
     """Per source: live documents and chunks (all, and canonical after dedup) in the warehouse, and the
     vectors the published version at ``version_path`` holds (0 when None)."""
-    documents = dict(warehouse.query_rows("SELECT source, count(*) FROM documents GROUP BY 1"))
-    chunks = {
-        source: (int(total), int(canonical))
-        for source, total, canonical in warehouse.query_rows(
-            """SELECT k.source, count(*), count(*) FILTER (WHERE x.status = 'canonical')
-               FROM chunks k LEFT JOIN chunk_dedup x USING (chunk_id) GROUP BY 1"""
-        )
-    }
+    with warehouse.connect(read_only=True) as con:  # one unit of work: both counts of the same state
+        documents = dict(con.execute("SELECT source, count(*) FROM documents GROUP BY 1").fetchall())
+        chunks = {
+            source: (int(total), int(canonical))
+            for source, total, canonical in con.execute(
+                """SELECT k.source, count(*), count(*) FILTER (WHERE x.status = 'canonical')
+                   FROM chunks k LEFT JOIN chunk_dedup x USING (chunk_id) GROUP BY 1"""
+            ).fetchall()
+        }
     vectors = vectors_per_source(version_path) if version_path is not None else {}
     return {
         source: SourceTotals(

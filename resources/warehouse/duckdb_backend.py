@@ -2,8 +2,24 @@
 
 DuckDB allows one writing process per file (dagster #16248: "Could not set lock on file"), and
 partitions run in separate processes. So every unit of work takes an OS file lock next to the
-database (exclusive to write, shared to read), opens DuckDB for its duration and closes it again.
+database (exclusive to write, shared to read), attaches the file to DuckDB for its duration and
+detaches it again, which releases DuckDB's own lock on the file for the next process.
 Steps hold the lock only while they read their inputs or write a batch, never while they compute embeddings.
+
+Starting a DuckDB instance costs ~20 ms even for ``:memory:`` (an unchanged re-run opens the warehouse
+dozens of times), attaching a file to a running one ~2 ms. So each process keeps one in-memory DuckDB
+*host* per warehouse file and every unit of work attaches the file to it (``ATTACH ... AS alias``) on a
+cursor of its own. Invariants of the host (``_Host``):
+
+- a file is attached only inside a unit of work, under our flock, and detached before the flock is
+  released: between units no DuckDB lock is held, exactly as when each unit opened and closed DuckDB;
+- concurrent readers of one process (the service reads from threads) share one read-only attachment
+  (flock shares readers and excludes writers, so it sees what each reader would see alone), since
+  two attachments of one file would be two file descriptors, and closing either drops the POSIX lock
+  DuckDB holds through the other; a writer attaches alone (its flock excludes everyone else);
+- a host is never used in a process other than the one that created it (recreated after ``fork``);
+- after any DuckDB error in a unit of work the host is discarded (closed once its last user is done)
+  and the next unit starts a fresh one, so a fatal storage error cannot poison later units.
 
 Programs outside the pipeline (a ``duckdb`` shell, a notebook) take DuckDB's own file lock, not
 ours. ``connect`` then retries with backoff instead of failing at once, within the same
@@ -15,8 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -62,11 +81,9 @@ class DuckDBConnection:
         if batch.num_rows == 0:
             return 0
         self._con.register("_insert_batch", batch)
-        try:
+        with self._unregistered("_insert_batch"):
             names = ", ".join(batch.column_names)
             self._con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch")  # noqa: S608 - table and column names come from the caller's constant schema, never from input
-        finally:
-            self._con.unregister("_insert_batch")
         return batch.num_rows
 
     def fetch_arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
@@ -78,10 +95,21 @@ class DuckDBConnection:
     @contextlib.contextmanager
     def scratch_table(self, name: str, columns: dict[str, Any], types: dict[str, str]) -> Iterator[None]:
         self._con.register(name, pa.table(columns))  # an Arrow scan: nothing copied
+        with self._unregistered(name):
+            yield
+
+    @contextlib.contextmanager
+    def _unregistered(self, name: str) -> Iterator[None]:
+        """Unregister the Arrow view ``name`` after the block. When the block failed, DuckDB may refuse
+        (an aborted transaction, e.g. after a full disk); that refusal must not hide the error that
+        matters, and the view ends with the unit of work's cursor anyway."""
         try:
             yield
-        finally:
-            self._con.unregister(name)
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                self._con.unregister(name)
+            raise
+        self._con.unregister(name)
 
     def invalid_vector(self, column: str) -> str:
         return f"""({column} IS NULL OR len({column}) <> ?
@@ -94,9 +122,10 @@ class DuckDBConnection:
 
 @contextlib.contextmanager
 def connect(path: Path, *, read_only: bool, lock_timeout_seconds: float) -> Iterator[DuckDBConnection]:
-    """One short unit of work: lock, open, yield a connection, commit or roll back, close, unlock.
+    """One short unit of work: lock, attach, yield a connection, commit or roll back, detach, unlock.
 
-    Writers are serialized across processes; readers share the lock with each other.
+    Writers are serialized across processes and threads; readers share the lock (and, in one process,
+    the attachment) with each other. When this returns, another process can open the file at once.
     A unit of work that raises is rolled back, so nothing already stored is lost.
 
     Storage failures become WarehouseError with a message naming the file and what to do: a
@@ -115,33 +144,37 @@ def connect(path: Path, *, read_only: bool, lock_timeout_seconds: float) -> Iter
         with connect(path, read_only=False, lock_timeout_seconds=lock_timeout_seconds):  # first use: the schema
             pass
     deadline = time.monotonic() + lock_timeout_seconds  # one bound for both locks
-    with _lock(home, exclusive=not read_only, timeout=lock_timeout_seconds):
-        con = _open(path, read_only, deadline, lock_timeout_seconds)
+    with _lock(home, exclusive=not read_only, timeout=lock_timeout_seconds), _hosted(path) as host:
+        con, alias = _attach(host, path, read_only, deadline, lock_timeout_seconds)
         try:
             if read_only:
                 try:
                     yield DuckDBConnection(con)
                 except duckdb.Error as exc:
+                    host.discard()
                     raise _storage_failure(path, exc) or exc
                 return
             try:
                 _ensure_schema(DuckDBConnection(con), path)
                 con.execute("BEGIN TRANSACTION")
             except duckdb.Error as exc:
+                host.discard()
                 raise _storage_failure(path, exc) or exc
             try:
                 yield DuckDBConnection(con)
             except BaseException as exc:
                 _rollback(con)
                 if isinstance(exc, duckdb.Error):
+                    host.discard()
                     raise _storage_failure(path, exc) or exc
                 raise
             try:
                 con.execute("COMMIT")
             except duckdb.Error as exc:  # a failed COMMIT has already ended the transaction
+                host.discard()
                 raise _storage_failure(path, exc) or exc
         finally:
-            _close(con)
+            _detach(host, con, alias, read_only)
 
 
 def _ensure_schema(con: DuckDBConnection, path: Path) -> None:
@@ -164,18 +197,105 @@ def _storage_failure(path: Path, exc: duckdb.Error) -> WarehouseError | None:
     return failure
 
 
-def _open(path: Path, read_only: bool, deadline: float, lock_timeout_seconds: float) -> duckdb.DuckDBPyConnection:
-    """Open DuckDB, waiting with backoff (until ``deadline``) while another program holds its file lock.
+class _Host:
+    """One in-memory DuckDB instance of this process that units of work attach one warehouse file to.
 
-    Pipeline processes never get here at the same time as a writer (our flock orders them), so
-    a DuckDB lock conflict means a program outside the pipeline has the file open.
+    ``users`` counts the units of work inside it; ``reader_alias``/``readers`` the read-only attachment
+    that concurrent readers share. Both change only under ``lock``. A discarded host takes no new
+    units and is closed by its last user.
+    """
+
+    def __init__(self, path: Path):
+        # Spills go next to the file, where DuckDB puts them for a database opened by path.
+        self.con = duckdb.connect(":memory:", config={"temp_directory": f"{path}.tmp"})
+        self.lock = threading.Lock()
+        self.users = 0
+        self.reader_alias: str | None = None
+        self.readers = 0
+        self.discarded = False
+
+    def discard(self) -> None:
+        """Take no new units of work (the next one starts a fresh host); close when the last user is done."""
+        with _hosts_lock:
+            self.discarded = True
+            for key, host in list(_hosts.items()):
+                if host is self:
+                    del _hosts[key]
+
+
+_hosts: dict[str, _Host] = {}  # warehouse file (real path) -> its host in this process
+_hosts_lock = threading.Lock()
+_hosts_pid = os.getpid()
+_forked_away: list[_Host] = []  # the parent's hosts, never used nor closed in a child (their threads are not here)
+_aliases = itertools.count(1)
+_IDLE_HOSTS = 4  # hosts of other files kept open (tests use many homes; a pipeline process uses one)
+
+
+def _forget_hosts_after_fork() -> None:
+    global _hosts, _hosts_lock, _hosts_pid
+    _forked_away.extend(_hosts.values())
+    _hosts, _hosts_lock, _hosts_pid = {}, threading.Lock(), os.getpid()
+
+
+os.register_at_fork(after_in_child=_forget_hosts_after_fork)
+
+
+@contextlib.contextmanager
+def _hosted(path: Path) -> Iterator[_Host]:
+    """This process's host for ``path`` for one unit of work (created on first use, after a fork, or
+    after the previous one was discarded); closed at the end if it was discarded meanwhile."""
+    if _hosts_pid != os.getpid():  # a fork that bypassed os.fork's hooks
+        _forget_hosts_after_fork()
+    key = os.path.realpath(path)
+    with _hosts_lock:
+        host = _hosts.get(key)
+        if host is None:
+            host = _hosts[key] = _Host(path)
+        host.users += 1
+    try:
+        yield host
+    finally:
+        with _hosts_lock:
+            host.users -= 1
+            idle = [h for h in _hosts.values() if h.users == 0 and h is not host]
+            closing = idle[: max(0, len(_hosts) - _IDLE_HOSTS)]
+            for h in closing:
+                h.discarded = True
+                del _hosts[next(k for k, v in _hosts.items() if v is h)]
+            if host.discarded and host.users == 0:
+                closing.append(host)
+        for h in closing:
+            _close(h.con)
+
+
+def _attach(
+    host: _Host, path: Path, read_only: bool, deadline: float, lock_timeout_seconds: float
+) -> tuple[duckdb.DuckDBPyConnection, str]:
+    """A cursor of ``host`` with ``path`` attached and in use, and the attachment's alias.
+
+    Readers join the host's shared read-only attachment when there is one. While another program
+    holds DuckDB's lock on the file, waits with backoff (until ``deadline``): pipeline processes never
+    get here at the same time as a writer (our flock orders them), so a DuckDB lock conflict means a
+    program outside the pipeline has the file open.
     """
     delay, warned = 0.05, False
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            with host.lock:
+                if read_only and host.reader_alias is not None:
+                    alias = host.reader_alias
+                else:
+                    alias = f"warehouse_{next(_aliases)}"
+                    quoted = str(path).replace("'", "''")
+                    host.con.execute(f"ATTACH '{quoted}' AS {alias} (TYPE duckdb, {'READ_ONLY' if read_only else 'READ_WRITE'})")
+                    if read_only:
+                        host.reader_alias = alias
+                if read_only:
+                    host.readers += 1
+            break
         except duckdb.Error as exc:
             if _DUCKDB_LOCK_ERROR not in str(exc):
+                host.discard()
                 raise WarehouseError(
                     _storage_message(path, str(exc)) or f"cannot open the warehouse {path}: {exc}"
                 ) from exc
@@ -197,6 +317,33 @@ def _open(path: Path, read_only: bool, deadline: float, lock_timeout_seconds: fl
                 )
             time.sleep(min(delay, max(deadline - now, 0.0)))
             delay = min(delay * 2, 1.0)
+    try:
+        con = host.con.cursor()
+        con.execute(f"USE {alias}")
+    except duckdb.Error as exc:
+        host.discard()
+        _detach(host, None, alias, read_only)
+        raise WarehouseError(_storage_message(path, str(exc)) or f"cannot open the warehouse {path}: {exc}") from exc
+    return con, alias
+
+
+def _detach(host: _Host, con: duckdb.DuckDBPyConnection | None, alias: str, read_only: bool) -> None:
+    """End a unit of work: close its cursor (ending whatever results the caller kept), then detach the
+    file (a read-write attachment checkpoints its WAL into the file first) unless other readers still
+    share it. DuckDB's lock on the file is released when this returns."""
+    if con is not None:
+        _close(con)
+    with host.lock:
+        if read_only:
+            host.readers -= 1
+            if host.readers > 0:
+                return
+            host.reader_alias = None
+        try:
+            host.con.execute(f"DETACH {alias}")
+        except duckdb.Error as exc:  # after a fatal storage error; the error that matters is already raised
+            log.warning("closing the warehouse connection failed: %s", exc)
+            host.discard()  # its last user closes it, and with it the file
 
 
 @contextlib.contextmanager

@@ -82,7 +82,10 @@ def ensure_schema(con) -> None:
     ``con`` is a write connection of either backend (``WarehouseConnection``).
     """
     if con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta' AND table_schema = current_schema()"
+        # information_schema lists every database attached to the connection (DuckDB attaches each unit
+        # of work's file to a shared host), so name this one.
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_name = 'meta' AND table_schema = current_schema() AND table_catalog = current_database()"
     ).fetchone()[0]:
         row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row and row[0] == str(SCHEMA_VERSION):
