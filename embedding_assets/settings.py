@@ -17,8 +17,10 @@ logs or the UI.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +208,30 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """The settings from the environment now (``overrides`` win). Raises SettingError naming the variable."""
+    """The settings from the environment now (``overrides`` win). Raises SettingError naming the variable.
+
+    Without overrides the result is reused while the ``EMBEDDING_*`` variables are the same (a run reads
+    its settings several times; Settings is frozen and read from those variables only).
+    """
+    if not overrides:
+        key = tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)))
+        with _LOADED_LOCK:
+            cached = _LOADED.get(key)
+        if cached is None:
+            cached = _build_settings()
+            with _LOADED_LOCK:
+                _LOADED[key] = cached
+                while len(_LOADED) > 8:
+                    _LOADED.pop(next(iter(_LOADED)))
+        return cached
+    return _build_settings(**overrides)
+
+
+_LOADED: dict[tuple, Settings] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def _build_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:

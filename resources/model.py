@@ -445,20 +445,69 @@ def _resolve_model_path(model: str) -> Path:
 
 @functools.lru_cache(maxsize=16)
 def _folder_digest(path: str) -> str:
-    """sha256 over the model's config and weight files (names and contents)."""
+    """sha256 over the model's config and weight files (names and contents).
+
+    Hashing ~90 MB of weights costs ~0.1 s in every process that loads the definitions (CLI runs, the UI's
+    code server, sensor ticks), so the digest is remembered in a per-user file keyed by each file's
+    size, mtime, ctime, inode and device (ctime cannot be set back by a program: a rewritten file always
+    misses). An unreadable or unwritable memo is ignored: the digest is then computed.
+    """
     import hashlib
 
     root = Path(path)
+    files = [(name, root / name) for name in (*_CONFIG_FILES, *_WEIGHT_FILES) if (root / name).exists()]
+    try:
+        stamp = json.dumps([[name, *_stat_key(file)] for name, file in files])
+    except OSError:
+        stamp = None
+    memo_key = sha256_hex(f"{root.resolve()}\x00{stamp}".encode()) if stamp else None
+    memo = _digest_memo_path()
+    if memo_key:
+        try:
+            known = json.loads(memo.read_text()).get(memo_key)
+            if isinstance(known, str) and len(known) == 64:
+                return known
+        except (OSError, ValueError, AttributeError):
+            pass
     digest = hashlib.sha256()
-    for name in (*_CONFIG_FILES, *_WEIGHT_FILES):
-        file = root / name
-        if not file.exists():
-            continue
+    for name, file in files:
         digest.update(name.encode() + b"\x00")
         with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
-    return digest.hexdigest()
+    value = digest.hexdigest()
+    if memo_key:
+        _remember_digest(memo, memo_key, value)
+    return value
+
+
+def _stat_key(file: Path) -> list[int]:
+    st = file.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _digest_memo_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "embedding-pipeline" / "model-digests.json"
+
+
+def _remember_digest(memo: Path, key: str, value: str, keep: int = 32) -> None:
+    """Add ``key -> value`` to the memo (the newest ``keep`` entries), written whole by an atomic rename."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            entries = json.loads(memo.read_text())
+            entries = entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):
+            entries = {}
+        entries.pop(key, None)
+        entries[key] = value
+        entries = dict(list(entries.items())[-keep:])
+        scratch = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(entries))
+        os.replace(scratch, memo)
+    except OSError as exc:  # a read-only home: compute every time
+        log.debug("cannot remember the model digest in %s: %s", memo, exc)
 
 
 def _position_offset(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -135,3 +136,38 @@ def test_encode_puts_torch_threads_back_and_auto_streams_fit_the_cores():
 def test_negative_cpu_streams_is_refused_naming_the_setting():
     with pytest.raises(ModelConfigError, match="EMBEDDING_CPU_STREAMS"):
         EmbeddingModelResource(cpu_streams=-1).encode(["x"])
+
+
+def test_the_weights_digest_is_remembered_by_file_stat_and_recomputed_when_a_file_changes(tmp_path, monkeypatch):
+    """Hashing the weights in every process is what the memo saves; a rewritten file (new ctime) or a
+    damaged memo must never yield a stale digest."""
+    import hashlib
+
+    from resources import model as model_module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 4}')
+    (folder / "model.safetensors").write_bytes(b"a" * 4096)
+    digest = model_module._folder_digest.__wrapped__
+
+    def truth() -> str:
+        h = hashlib.sha256()
+        for name in ("config.json", "model.safetensors"):
+            h.update(name.encode() + b"\x00" + (folder / name).read_bytes())
+        return h.hexdigest()
+
+    first = digest(str(folder))
+    assert first == truth() and model_module._digest_memo_path().is_file()
+    # A memo entry is what a second process reads: poison it to prove it is used while the files are unchanged...
+    memo = model_module._digest_memo_path()
+    entries = json.loads(memo.read_text())
+    (key,) = entries
+    memo.write_text(json.dumps({key: "f" * 64}))
+    assert digest(str(folder)) == "f" * 64
+    # ...and ignored once a file is rewritten (same size, new content, new ctime).
+    (folder / "model.safetensors").write_bytes(b"b" * 4096)
+    assert digest(str(folder)) == truth() != first
+    memo.write_text("not json")
+    assert digest(str(folder)) == truth()
