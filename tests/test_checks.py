@@ -58,9 +58,10 @@ def test_gates_read_the_builds_snapshot(pipeline, tmp_path):
     model = pipeline.resources["model"]
     with pipeline.warehouse.connect(read_only=True) as con:
         snapshot = take_snapshot(con, model.model_fingerprint(), tmp_path)
-    gates = {g.name: g for g in snapshot_gates(snapshot.path, dimension=384, max_tokens=256)}
+    limit = model.effective_max_seq_length()  # 384 by default
+    gates = {g.name: g for g in snapshot_gates(snapshot.path, dimension=384, max_tokens=limit)}
     assert all(g.passed for g in gates.values()) and gates["vectors_are_unit_norm"].metadata["vectors_checked"] == snapshot.count
-    wrong = {g.name: g for g in snapshot_gates(snapshot.path, dimension=768, max_tokens=256)}
+    wrong = {g.name: g for g in snapshot_gates(snapshot.path, dimension=768, max_tokens=limit)}
     assert not wrong["vectors_have_model_dimension"].passed and "dimension 768" in wrong["vectors_have_model_dimension"].description
     assert not wrong["codes_have_model_width"].passed
     tight = {g.name: g for g in snapshot_gates(snapshot.path, dimension=384, max_tokens=5)}
