@@ -185,7 +185,9 @@ def publish_copy(from_home: Path, to_home: Path) -> str:
     target = IndexStoreResource(home=str(to_home))
     with target.new_version() as scratch:
         for file in source.path.iterdir():
-            if file.name != "manifest.json":
+            if file.is_dir():  # the lexical index (bm25/)
+                shutil.copytree(file, scratch / file.name)
+            elif file.name != "manifest.json":
                 shutil.copy2(file, scratch / file.name)
         manifest = {k: v for k, v in source.manifest.items() if k not in ("version", "created", "files")}
         return target.publish(scratch, manifest).version

@@ -82,8 +82,9 @@ class EmbeddingModelResource(ConfigurableResource):
     dtype: str = Field(
         default="auto",
         description="auto, float32, float16, bfloat16 (weights cast) or bfloat16-autocast (float32 weights, "
-        "bf16 matmuls). auto: float16 on CUDA/MPS; bfloat16 on CPUs with native bf16 (avx512_bf16/AMX), "
-        "measured fastest there by benchmarks/run.py; else float32. Part of the model fingerprint.",
+        "bf16 matmuls). auto: float16 on CUDA/MPS; bfloat16 on CPUs with AMX (amx_bf16), measured fastest there "
+        "by benchmarks/run.py; else float32 (on a CPU with avx512_bf16 but no AMX, bf16 measured 0.7x float32). "
+        "Part of the model fingerprint.",
     )
     batch_size: int = Field(
         default=128, description="Most texts per forward pass; 0 = auto: 4096 on CUDA (the token budget binds), else 128."
@@ -525,8 +526,10 @@ def _read_json(path: Path) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _cpu_has_native_bf16() -> bool:
+    """AMX tiles: where bf16 pays. With avx512_bf16 alone (no AMX) bf16 autocast measured 0.7x float32
+    on 256-token chunks and 0.8x on short queries (benchmarks/RESULTS.md, 2026-11-23), so auto stays float32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "amx_bf16" in flags
