@@ -169,6 +169,7 @@ def test_search_get_and_post_find_the_expected_document(service, case):
 def test_search_filters_by_source(service):
     body = service.post("/search", {"q": "water", "k": 5, "source": "beta"}).json()
     assert body["hits"] and all(hit["source"] == "beta" for hit in body["hits"])
+    assert body["mode"] == "hybrid"  # the default mode is named in the answer, not echoed as null
 
 
 @pytest.mark.parametrize("mode", ["vector", "lexical", "hybrid"])

@@ -160,7 +160,7 @@ def create_app(*, model: EmbeddingModelResource, cache: EmbeddingCacheResource, 
                                            per_document=request.per_document)
         except SearchError as exc:  # e.g. a lexical mode on a version built without the lexical index
             raise api.invalid_value(str(exc), "mode") from None
-        return {"query": request.query, "k": request.k, "source": request.source, "mode": request.mode,
+        return {"query": request.query, "k": request.k, "source": request.source, "mode": request.mode or DEFAULT_MODE,
                 "chunks": not request.per_document, "index_version": version.version,
                 "hits": [api.hit_json(hit) for hit in hits]}
 
