@@ -144,7 +144,7 @@ class EmbeddingModelResource(ConfigurableResource):
         device = self.resolved_device()
         if device.startswith("cuda") or device == "mps":
             return "float16"
-        return "bfloat16" if _cpu_has_native_bf16() else "float32"
+        return "bfloat16" if _cpu_has_amx_bf16() else "float32"
 
     def effective_max_seq_length(self) -> int:
         """The model input length in tokens: ``max_seq_length`` when set, else the model's own
@@ -157,8 +157,8 @@ class EmbeddingModelResource(ConfigurableResource):
             return native
         if self.max_seq_length < 8:
             raise ModelConfigError(f"max_seq_length={self.max_seq_length} is too small (EMBEDDING_MAX_SEQ_LENGTH)")
-        ceiling = int(_read_json(path / "config.json").get("max_position_embeddings") or native)
-        ceiling = max(native, ceiling - _position_offset(path))
+        config = _read_json(path / "config.json")
+        ceiling = max(native, int(config.get("max_position_embeddings") or native) - _position_offset(config))
         if self.max_seq_length > ceiling:
             raise ModelConfigError(
                 f"max_seq_length={self.max_seq_length} is over what {self.model} can read ({ceiling} tokens: its "
@@ -511,9 +511,9 @@ def _remember_digest(memo: Path, key: str, value: str, keep: int = 32) -> None:
         log.debug("cannot remember the model digest in %s: %s", memo, exc)
 
 
-def _position_offset(path: Path) -> int:
-    """Position ids a model reserves before the first token (RoBERTa-style models start at padding_idx + 1 = 2)."""
-    config = _read_json(path / "config.json")
+def _position_offset(config: dict) -> int:
+    """Position ids a model (its config.json) reserves before the first token (RoBERTa-style models start at
+    padding_idx + 1 = 2)."""
     return 2 if config.get("model_type") in ("roberta", "xlm-roberta", "camembert", "mpnet") else 0
 
 
@@ -525,9 +525,10 @@ def _read_json(path: Path) -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_has_native_bf16() -> bool:
-    """AMX tiles: where bf16 pays. With avx512_bf16 alone (no AMX) bf16 autocast measured 0.7x float32
-    on 256-token chunks and 0.8x on short queries (benchmarks/RESULTS.md, 2026-11-23), so auto stays float32."""
+def _cpu_has_amx_bf16() -> bool:
+    """AMX tiles: where bf16 pays. With avx512_bf16 alone (no AMX) bf16 autocast measured 0.73x float32's
+    throughput on ~200-word chunks and 1.33x its time on 8 short queries (benchmarks/cpu_dtype.py,
+    benchmarks/RESULTS.md), so auto stays float32 there."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
