@@ -82,7 +82,7 @@ class ChunkingSettings:
     ``min_chunk_tokens``: the smallest chunk a cut may leave (the start of the window a cut is chosen
     in, so chunks are between it and the limit except a document's last one), None =
     ``MIN_CHUNK_SHARE`` of the limit; ``contextual``: the model reads title and heading path before the text.
-    Defaults are the measured best (benchmarks/RESULTS.md, "Retrieval"): relative to the model input, so
+    Defaults are the measured best (benchmarks/RESULTS.md, "Chunk size and model input"): relative to the model input, so
     a shorter or longer ``max_seq_length`` keeps the same shape of window (a floor at the limit would
     leave no slack for edit-local cuts).
     """

@@ -239,8 +239,8 @@ def create_app_from_env() -> FastAPI:
 
 def _one_faiss_thread() -> None:
     """FAISS searches one query per call on a request thread: an OpenMP team per call only adds
-    hand-offs and spin-waits on the cores the model's batches need (10-50 ms tails measured under load,
-    benchmarks/RESULTS.md). Process-wide, so only the service sets it."""
+    hand-offs and spin-waits on the cores the model's batches need (single-query tails of 10-50 ms were
+    seen under load with the default team). Process-wide, so only the service sets it."""
     import faiss
 
     faiss.omp_set_num_threads(1)
