@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test,int8]' $(TORCH_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)

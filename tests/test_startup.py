@@ -14,7 +14,7 @@ from resources.model import EmbeddingModelResource, LazyTokenizer, _load_tokeniz
 from tests.pipeline_support import make_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "sentence_transformers", "datasketch", "scipy")
+HEAVY = ("torch", "transformers", "sentence_transformers", "datasketch", "scipy", "openvino", "nncf")
 
 # Any import of a heavy library fails the process: the test sees the import, not a timing.
 _BLOCK_HEAVY = """
