@@ -28,14 +28,21 @@ class EmbeddingsBody(BaseModel):
 def create_plain_app() -> FastAPI:
     model = model_resource()
     index_store = index_store_resource()
-    # The loaded SentenceTransformer the model resource holds (same weights and dtype as the service's).
-    sentence_transformer = model._model()
+    # The loaded model the model resource holds (same weights and dtype as the service's): a SentenceTransformer,
+    # or for dtype=int8 the OpenVINO runner, called once per request (tokenize, one forward pass).
+    loaded = model._model()
+    if hasattr(loaded, "encode"):
+        def encode(texts: list[str]):
+            return loaded.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    else:
+        def encode(texts: list[str]):
+            return loaded.embed(loaded.features(texts))
     app = FastAPI()
 
     @app.post("/v1/embeddings")
     def embeddings(body: EmbeddingsBody):
         texts = [body.input] if isinstance(body.input, str) else body.input
-        vectors = sentence_transformer.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        vectors = encode(texts)
         return {"object": "list", "model": model.model,
                 "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
 
