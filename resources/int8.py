@@ -6,10 +6,10 @@ dot-product instructions (AVX512-VNNI, AVX-VNNI, AMX) do the work. The recipe (:
 
 - NNCF post-training quantization, ``ModelType.TRANSFORMER`` (LayerNorm, softmax, GELU and the residual
   adds stay in floating point; only the matmuls' inputs are quantized), ``QuantizationPreset.MIXED``
-  (symmetric per-channel weights, asymmetric activations), SmoothQuant on;
+  (symmetric per-channel weights, asymmetric activations);
 - SmoothQuant and fast bias correction (NNCF's defaults for transformers) recover the rest. Keeping the
   last encoder layer in float32 as well was measured: the same cosine to float32 (0.9969 against 0.9967)
-  for 0.8x the speed, so every layer is int8;
+  for 0.75-1.0x the speed, so every layer is int8;
 - calibrated on real text: windows and headings of the bundled sample corpus (``int8_calibration.txt``,
   1,024 blocks), at the lengths chunks and queries have.
 
@@ -20,7 +20,8 @@ when the mean is at least :data:`MIN_MEAN_COSINE` (the bound of issue 15). What 
 and MRR@10 on the known-item benchmark, is measured by ``benchmarks/retrieval.py --dtype int8``.
 
 The built model lives in the per-user cache (``$XDG_CACHE_HOME/embedding-pipeline/int8/<key>/``), keyed
-by the model files' digest, the input length, the recipe and the OpenVINO and NNCF versions. It is a
+by the model files' digest, the calibration length (the model's input ceiling, so one build serves every
+``max_seq_length``), the recipe, the calibration texts and the OpenVINO and NNCF versions. It is a
 derived artifact: every machine builds its own from the same inputs, one process at a time (a lock file),
 published by renaming a finished folder into place; a damaged one is removed and rebuilt.
 
