@@ -196,15 +196,24 @@ def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 
 # ---- 1. encode -------------------------------------------------------------------------------------
 
+SETTLE_SECONDS = 1.0
+
+
 def interleaved_rounds(paths: dict, chunks: list[str], rounds: int) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
     """Each path encodes ``chunks`` once per round, paths interleaved so machine load hits every path
-    alike; returns ({path: chunks/s per round}, {path: last vectors}). One warm-up call each first."""
+    alike; returns ({path: chunks/s per round}, {path: last vectors}). One warm-up call each first.
+
+    Every timed pass starts after an untimed pause of ``SETTLE_SECONDS``. The previous path's worker threads
+    keep spinning for a while after a pass (torch's OpenMP pool), which took CPU from the next path:
+    int8 measured 61.9 chunks/s right after torch passes and 78.2 after a 1 s pause, the baseline
+    28.1 and 26.1 (a one-off on 128 windows, median of 3 rounds)."""
     for fn in paths.values():
         fn(chunks[:8])  # warm-up: load, first-call allocations
     speeds: dict[str, list[float]] = {name: [] for name in paths}
     vectors: dict[str, np.ndarray] = {}
     for _ in range(rounds):
         for name, fn in paths.items():
+            time.sleep(SETTLE_SECONDS)
             started = time.perf_counter()
             vectors[name] = np.asarray(fn(chunks), dtype=np.float32)
             speeds[name].append(len(chunks) / (time.perf_counter() - started))
@@ -255,10 +264,12 @@ def encode_bench(chunks: list[str], rounds: int, dtypes: list[str], budgets: lis
     for budget in budgets:
         model = EmbeddingModelResource(max_seq_length=None, dtype=best_dtype, token_budget=budget, batch_size=1024)
         model.encode(chunks[:8])
+        time.sleep(SETTLE_SECONDS)
         started = time.perf_counter()
         _, stats = model.encode(chunks)
         sweep.append({"token_budget": budget, "chunks_per_s": len(chunks) / (time.perf_counter() - started),
                       "batches": stats.batches, "padding_waste": stats.padding_waste})
+    time.sleep(SETTLE_SECONDS)
     started = time.perf_counter()
     baseline.encode(st, chunks)
     sweep_base = len(chunks) / (time.perf_counter() - started)
@@ -268,9 +279,11 @@ def encode_bench(chunks: list[str], rounds: int, dtypes: list[str], budgets: lis
     default_threads = torch.get_num_threads()
     for n in threads:
         torch.set_num_threads(n)
-        model = EmbeddingModelResource(max_seq_length=None, dtype=best_dtype, cpu_threads=n, cpu_streams=min(n, 2))  # n cores in all
+        streams = 1 if best_dtype == "int8" else min(n, 2)  # OpenVINO spreads one batch over the n threads itself
+        model = EmbeddingModelResource(max_seq_length=None, dtype=best_dtype, cpu_threads=n, cpu_streams=streams)  # n cores in all
         row = {"threads": n}
         for name, fn in (("baseline", paths["baseline encode(64) fp32"]), ("ours", lambda t: model.encode(t)[0])):
+            time.sleep(SETTLE_SECONDS)
             started = time.perf_counter()
             fn(chunks)
             row[name] = len(chunks) / (time.perf_counter() - started)
