@@ -31,7 +31,6 @@ OpenVINO and NNCF are the optional extra ``int8`` (``pip install 'embedding-pipe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import importlib.metadata
 import json
@@ -49,6 +48,8 @@ import numpy as np
 
 from embedding_assets.core.identity import fingerprint, sha256_hex
 from resources.encoding import ModelConfigError
+from resources.locks import LockTimeout, file_lock
+from resources.model import _read_json, user_cache_dir
 
 log = logging.getLogger("embedding_pipeline.model")
 
@@ -57,6 +58,8 @@ RECIPE = "ov-nncf-transformer-mixed-v2"
 MIN_MEAN_COSINE = 0.99
 CALIBRATION_FILE = Path(__file__).with_name("int8_calibration.txt")
 _INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+# How long a process waits for another one's build of the same model (a build takes about 30-60 s on 2 cores).
+BUILD_LOCK_TIMEOUT_SECONDS = 900
 
 
 def unavailable_reason() -> str | None:
@@ -115,8 +118,7 @@ class Check:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "embedding-pipeline" / "int8"
+    return user_cache_dir() / "int8"
 
 
 def model_key(files_digest: str, calibration_length: int) -> str:
@@ -170,29 +172,42 @@ def ensure_built(path: str, files_digest: str, calibration_length: int) -> Path:
     folder = root / model_key(files_digest, calibration_length)
     if _complete(folder):
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(folder):
-            return folder
-        if folder.exists():  # damaged or half-removed: rebuilt
-            log.warning("int8 model in %s is incomplete: rebuilding it", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-        scratch = root / f".{folder.name}.{os.getpid()}.tmp"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir()
-        try:
-            _build(path, calibration_length, scratch, files_digest)
-            os.replace(scratch, folder)
-            (root / f".{folder.name}.failed").unlink(missing_ok=True)
-        except ModelConfigError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - conversion or quantization failed: said with the setting named
-            raise ModelConfigError(f"dtype=int8: building the int8 model of {path} failed: {type(exc).__name__}: {exc} (EMBEDDING_DTYPE)") from exc
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        _prune(root, keep=folder, files_digest=files_digest)
+    lock = root / f".{folder.name}.lock"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with file_lock(lock, exclusive=True, timeout=BUILD_LOCK_TIMEOUT_SECONDS):
+            _build_once(path, calibration_length, files_digest, root, folder)
+    except OSError as exc:  # LockTimeout is a TimeoutError (an OSError): told apart below
+        if isinstance(exc, LockTimeout):
+            raise ModelConfigError(f"dtype=int8: another process has been building the int8 model of {path} for over "
+                                   f"{BUILD_LOCK_TIMEOUT_SECONDS} s ({exc}); retry, or set EMBEDDING_DTYPE=float32") from exc  # fmt: skip
+        raise ModelConfigError(f"dtype=int8: cannot write the int8 model to {root} ({exc}); make it writable or set "
+                               "XDG_CACHE_HOME (EMBEDDING_DTYPE)") from exc  # fmt: skip
     return folder
+
+
+def _build_once(path: str, calibration_length: int, files_digest: str, root: Path, folder: Path) -> None:
+    """Under the build lock: build into a scratch folder and rename it into place, unless another
+    process finished the same build while this one waited."""
+    if _complete(folder):
+        return
+    if folder.exists():  # damaged or half-removed: rebuilt
+        log.warning("int8 model in %s is incomplete: rebuilding it", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    scratch = root / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        _build(path, calibration_length, scratch, files_digest)
+        os.replace(scratch, folder)
+        (root / f".{folder.name}.failed").unlink(missing_ok=True)
+    except ModelConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - conversion or quantization failed: said with the setting named
+        raise ModelConfigError(f"dtype=int8: building the int8 model of {path} failed: {type(exc).__name__}: {exc} (EMBEDDING_DTYPE)") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _prune(root, keep=folder, files_digest=files_digest)
 
 
 def _prune(root: Path, keep: Path, files_digest: str) -> None:
@@ -352,6 +367,8 @@ class Int8Runner:
         self._names = [port.get_any_name() for port in self._compiled.inputs]
         outputs = [port for port in self._compiled.outputs if "last_hidden_state" in port.get_names()]
         self._output = outputs[0] if outputs else self._compiled.outputs[0]
+        # A tokenizer of its own, not the resource's shared one (model._load_tokenizer): tokenizers are not safe
+        # to share between threads, and the service counts tokens on one thread while this one encodes on another.
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self._max = max_seq_length
         self._pooling = pooling
@@ -384,10 +401,3 @@ def load_runner(path: str, files_digest: str, calibration_length: int, max_seq_l
             with contextlib.suppress(OSError):
                 (folder / "manifest.json").unlink()
     raise AssertionError("unreachable")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}

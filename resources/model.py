@@ -518,9 +518,15 @@ def _stat_key(file: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def _digest_memo_path() -> Path:
+def user_cache_dir() -> Path:
+    """This user's cache folder for what a machine derives from a model (``$XDG_CACHE_HOME`` or ~/.cache):
+    the weights-digest memo here, int8 builds (resources/int8.py)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "embedding-pipeline" / "model-digests.json"
+    return Path(base) / "embedding-pipeline"
+
+
+def _digest_memo_path() -> Path:
+    return user_cache_dir() / "model-digests.json"
 
 
 def _remember_digest(memo: Path, key: str, value: str, keep: int = 32) -> None:

@@ -173,3 +173,12 @@ def test_auto_falls_back_when_a_model_cannot_be_built_and_remembers_it(tmp_path,
     assert int8.auto_picks_int8(str(folder), "d" * 64, 512) is False and len(builds) == 1  # not tried again
     with pytest.raises(ModelConfigError, match="Dense"):  # dtype=int8 asked for explicitly tries, and says why
         int8.ensure_built(str(folder), "d" * 64, 512)
+
+
+def test_an_unwritable_cache_is_one_clear_error_naming_the_folder(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    model = EmbeddingModelResource(dtype="int8")
+    with pytest.raises(ModelConfigError, match=r"cannot write the int8 model to .*not-a-folder.*XDG_CACHE_HOME"):
+        int8.ensure_built(str(model.model_path()), model.files_digest(), _ceiling(model))
