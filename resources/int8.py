@@ -194,6 +194,8 @@ def _build_once(path: str, calibration_length: int, files_digest: str, root: Pat
     if folder.exists():  # damaged or half-removed: rebuilt
         log.warning("int8 model in %s is incomplete: rebuilding it", folder)
         shutil.rmtree(folder, ignore_errors=True)
+    log.warning("building the int8 model of %s for this machine, once (about 30-60 s on 2 cores) into %s; "
+                "EMBEDDING_DTYPE=float32 skips it", path, folder)  # fmt: skip
     scratch = root / f".{folder.name}.{os.getpid()}.tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
