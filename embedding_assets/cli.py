@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--allow-empty", action="store_true", help="let an empty or missing source delete its documents")
     mat.add_argument("--no-index", action="store_true", help="skip building the index")
     mat.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
+    mat.add_argument("--full-check", action="store_true",
+                     help="run the jobs even when nothing changed since a run proved this state settled")
     find = sub.add_parser("search", help="search the published index")
     find.add_argument("query")
     find.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
@@ -310,21 +312,41 @@ def _sources() -> int:
 
 
 def _materialize(args) -> int:
-    from embedding_assets.definitions import defs
-    from embedding_assets.runner import materialize_index, materialize_source, source_summary
-    from embedding_assets.progress import TerminalProgress, set_terminal_reporter
-    from embedding_assets.settings import load_settings
+    from embedding_assets import unchanged
     from embedding_assets.core.sources import list_sources
+    from embedding_assets.settings import load_settings
 
-    root = load_settings().sources_path
+    started = time.perf_counter()
+    settings = load_settings()
+    root = settings.sources_path
     if not args.source and not root.is_dir():
         raise CommandError(_no_sources_root(root))
     names = args.source or list_sources(root)
     if not names:
         raise CommandError(f"no sources under {root} (EMBEDDING_SOURCES_DIR); create a folder per source")
+    command = unchanged.Command(tuple(names), args.allow_empty, args.no_index)
+    shortcut: dict[str, Any] = {"taken": False}
+    if args.full_check:
+        shortcut["why"] = "--full-check"
+    else:  # before Dagster is imported: an unchanged re-run ends here (embedding_assets/unchanged.py)
+        try:
+            report = unchanged.remembered(settings, command)
+        except unchanged.NotApplicable as why:
+            report, shortcut["why"] = None, str(why)
+        if report is not None:
+            report["seconds"] = round(time.perf_counter() - started, 3)
+            report["shortcut"] = {"taken": True, "since": report.pop("unchanged_since", None)}
+            _report(report, args.json)
+            return 0
+
+    from embedding_assets.definitions import defs
+    from embedding_assets.progress import TerminalProgress, set_terminal_reporter
+    from embedding_assets.runner import materialize_index, materialize_source, source_summary
+
     instance = _instance()
     for name in names:
         _check_source_name(root, name, instance)
+    model_path, before = _inputs_before(defs, settings, command, shortcut)
     out = sys.stderr if args.json else sys.stdout
     set_terminal_reporter(TerminalProgress())
     report: dict[str, Any] = {"sources": {}, "index": None}
@@ -341,11 +363,35 @@ def _materialize(args) -> int:
         set_terminal_reporter(None)
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["quarantine"] = _quarantine(names)
-    if args.json:
+    if before is not None:  # a run that wrote nothing, with nothing moved while it ran: remembered
+        moved = unchanged.remember(settings, command, before, report, model_path)
+        shortcut.update(remembered=not moved, **({"why": "the run changed (or another process did): " + ", ".join(moved)} if moved else {}))
+    report["shortcut"] = shortcut
+    _report(report, args.json)
+    return 0
+
+
+def _inputs_before(defs, settings, command, shortcut: dict[str, Any]):
+    """(model folder, the run's inputs before it) for :func:`unchanged.remember`; (None, None) when the
+    shortcut cannot apply (the reason goes into ``shortcut``). A model setting that cannot be used is the
+    run's to report, with its own error."""
+    from embedding_assets import unchanged
+
+    try:
+        model_path = str(defs.resources["model"].model_path())
+        return model_path, unchanged.inputs(settings, command, model_path)
+    except unchanged.NotApplicable as why:
+        shortcut["why"] = str(why)
+    except Exception:  # noqa: BLE001 - e.g. ModelConfigError: the run fails on it and says why
+        shortcut["why"] = "the model could not be resolved"
+    return None, None
+
+
+def _report(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(report, indent=2, default=str))
     else:
         _print_summary(report)
-    return 0
 
 
 def _check_source_name(root: Path, name: str, instance) -> None:
@@ -387,6 +433,10 @@ def _quarantine(names: list[str]) -> list[dict[str, str]]:
 
 
 def _print_summary(report: dict[str, Any]) -> None:
+    shortcut = report.get("shortcut") or {}
+    if shortcut.get("taken"):
+        print(f"nothing changed since {shortcut.get('since')}, when a full run found nothing to do: no run started "
+              "(--full-check runs one); that run's report:")
     print()
     print(f"{'source':<16}{'docs +/~/=/-':>16}{'chunks':>9}{'dups':>7}{'embedded':>10}{'cache hits':>12}")
     for name, entry in report["sources"].items():

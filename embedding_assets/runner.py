@@ -112,7 +112,7 @@ def materialize_index(
             return {
                 "build_mode": "unchanged", "run_skipped": True, "version": published.version, "layout": m["layout"],
                 "row_count": m["count"], "nlist": m["nlist"], "nprobe": m["nprobe"],
-                "rescore_multiplier": m.get("rescore_multiplier", 1), "recall_at_10": m["recall_at_k"],
+                "rescore_multiplier": m.get("rescore_multiplier", 1), "recall_at_10": round(m["recall_at_k"], 4),
                 "vectors_added": 0, "vectors_removed": 0, "seconds": 0.0,
             }
     run_config: dict[str, Any] = dict(QUIET) if quiet else {}

@@ -22,14 +22,18 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dagster as dg
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from resources.index_store import IndexStoreResource
-from resources.model import DEFAULT_MAX_SEQ_LENGTH, EmbeddingModelResource
+from resources.encoding import DEFAULT_MAX_SEQ_LENGTH
+
+if TYPE_CHECKING:  # Dagster and the resources are imported when a resource is built, not to read settings:
+    import dagster as dg  # the CLI's unchanged check reads settings without importing Dagster (embedding_assets/unchanged.py)
+
+    from resources.index_store import IndexStoreResource
+    from resources.model import EmbeddingModelResource
 
 ENV_PREFIX = "EMBEDDING_"
 
@@ -252,11 +256,15 @@ _SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if 
 
 def _env_binding(settings: Settings, field: str) -> dg.EnvVar | None:
     """A secret is handed to a resource as its variable's name (resolved by Dagster in the run), never as its value."""
+    import dagster as dg
+
     return dg.EnvVar(Settings.env_name(field)) if getattr(settings, field) is not None else None
 
 
 def model_resource(settings: Settings | None = None) -> EmbeddingModelResource:
     """The model resource (the search path needs only this and the index store)."""
+    from resources.model import EmbeddingModelResource
+
     s = settings or load_settings()
     return EmbeddingModelResource(
         model=s.model, device=s.device, dtype=s.dtype, batch_size=s.batch_size, token_budget=s.token_budget,
@@ -265,6 +273,8 @@ def model_resource(settings: Settings | None = None) -> EmbeddingModelResource:
 
 
 def index_store_resource(settings: Settings | None = None) -> IndexStoreResource:
+    from resources.index_store import IndexStoreResource
+
     s = settings or load_settings()
     return IndexStoreResource(
         home=str(s.home_path),

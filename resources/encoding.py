@@ -17,6 +17,11 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+# The model input the known-item benchmark measured best for the default model (benchmarks/RESULTS.md,
+# "Chunk size and model input"); the pipeline's EMBEDDING_MAX_SEQ_LENGTH default too. Here, not in
+# resources.model, so reading the settings does not import Dagster.
+DEFAULT_MAX_SEQ_LENGTH = 384
+
 log = logging.getLogger("embedding_pipeline.model")
 
 

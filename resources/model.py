@@ -25,7 +25,7 @@ from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
 from embedding_assets.core.identity import fingerprint, sha256_hex
-from resources.encoding import ModelConfigError, ModelOutOfMemoryError, embed_features, plan_batches, run_batches, run_on
+from resources.encoding import DEFAULT_MAX_SEQ_LENGTH, ModelConfigError, ModelOutOfMemoryError, embed_features, plan_batches, run_batches, run_on
 
 __all__ = ["EmbeddingModelResource", "EncodeStats", "ModelConfigError", "ModelOutOfMemoryError", "plan_batches"]
 
@@ -64,11 +64,6 @@ class EncodeStats:
     @property
     def padding_waste(self) -> float:
         return 0.0 if not self.padded_tokens else 1.0 - self.tokens / self.padded_tokens
-
-
-# The model input the known-item benchmark measured best for the default model (benchmarks/RESULTS.md,
-# "Chunk size and model input"); the pipeline's EMBEDDING_MAX_SEQ_LENGTH default too.
-DEFAULT_MAX_SEQ_LENGTH = 384
 
 
 class EmbeddingModelResource(ConfigurableResource):
