@@ -213,7 +213,7 @@ def markdown(results: dict) -> str:
            "(other engineers share these 2 cores)",
            f"- each phase: {results['seconds']:.0f} s or {results['max_requests']} requests, closed-loop clients on "
            "127.0.0.1, every text unique (no cache hits) except in the rows marked repeated, index: the fixture corpus "
-           f"({results['vectors']} vectors); service batching: wait {results['batch_wait_ms']} ms, "
+           f"({results['vectors']} vectors); service batching: waits up to {results['batch_wait_ms']} ms for requests being tokenized, "
            f"{results['batch_tokens']} tokens", "",
            "| route | clients | service | requests | req/s | p50 ms | p95 ms | p99 ms | errors |",
            "|---|---|---|---|---|---|---|---|---|"]

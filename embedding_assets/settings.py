@@ -183,7 +183,8 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(20_000, description="characters per text or query (413 above)")
     max_body_bytes: int = Field(8 * 1024 * 1024, description="request body (413 above)")
     max_k: int = Field(100, description="hits per search (422 above)")
-    batch_wait_ms: float = Field(3.0, description="how long the batcher waits for more requests after the first one")
+    batch_wait_ms: float = Field(3.0, description="how long a batch waits for requests already being tokenized "
+                                 "(a lone request never waits)")
     batch_tokens: int = Field(8192, description="most tokens (special tokens included) gathered into one batch")
     service_cache_writes: bool = Field(True, description="write texts the service embedded back to every cache tier")
     index_poll_seconds: float = Field(1.0, description="how often the service looks for a newly published index version")

@@ -265,6 +265,41 @@ def test_concurrent_requests_are_batched(service):
     assert (np.einsum("ij,ij->i", got, model_vectors) > 0.999).all()
 
 
+def test_a_lone_request_never_waits_for_the_gathering_window_and_requests_on_their_way_are_batched(pipeline):
+    """The batcher waits only for requests already being tokenized: with a 400 ms window, one request is
+    answered in the time of its forward pass, and 12 sent together still share batches."""
+    import asyncio
+
+    from embedding_assets.service.batching import EmbeddingBatcher
+    from embedding_assets.service.metrics import ServiceMetrics
+
+    async def scenario():
+        metrics = ServiceMetrics()
+        batcher = EmbeddingBatcher(pipeline.resources["model"], pipeline.resources["cache"], metrics, max_wait_s=0.4,
+                                   cache_writes=False)  # fmt: skip
+        await batcher.start()
+        await batcher.warm_up()
+        try:
+            lone = []
+            for i in range(3):
+                started = time.perf_counter()
+                await batcher.embed([f"a lone question about tide pools {i} {time.time_ns()}"])
+                lone.append(time.perf_counter() - started)
+            before = metrics.batch_requests.count()
+            together = [f"question {i} sent together about lighthouses {time.time_ns()}" for i in range(12)]
+            results = await asyncio.gather(*(batcher.embed([t]) for t in together))
+            return lone, metrics.batch_requests.count() - before, results, together
+        finally:
+            await batcher.close()
+
+    lone, batches, results, together = asyncio.run(scenario())
+    assert min(lone) < 0.2, f"a lone request waited for the window: {lone}"
+    assert batches < 12, "requests on their way were not gathered into shared batches"
+    model_vectors, _ = pipeline.resources["model"].encode(together)
+    got = np.stack([r.vectors[0] for r in results])
+    assert (np.einsum("ij,ij->i", got, model_vectors) > 0.999).all()
+
+
 def test_the_event_loop_answers_while_a_large_batch_is_encoded(service):
     # 8 texts truncated at the model's 256 tokens: a batch of about 2,000 tokens, most of a second on 2 cores.
     long_texts = [" ".join(f"w{j}x{i}q" for j in range(230)) + f" {time.time_ns()}" for i in range(8)]

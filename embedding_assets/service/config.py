@@ -21,7 +21,7 @@ class ServiceSettings:
     max_input_chars: int = 20_000  # characters per text or query (413 above)
     max_body_bytes: int = 8 * 1024 * 1024  # request body (413 above)
     max_k: int = 100  # hits per search (422 above)
-    batch_wait_ms: float = 3.0  # how long the batcher waits for more requests after the first one
+    batch_wait_ms: float = 3.0  # how long a batch waits for requests already being tokenized
     batch_tokens: int = 8192  # most tokens (special tokens included) gathered into one batch
     cache_writes: bool = True  # write texts the model embedded back to every cache tier
     index_poll_seconds: float = 1.0  # how often a newly published index version is looked for
