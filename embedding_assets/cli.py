@@ -457,7 +457,10 @@ def _print_summary(report: dict[str, Any]) -> None:
                  if index.get("pending_chunks") else ""))
     for item in report.get("quarantine", []):
         print(f"  {item['kind']}: {item['source']}/{item['path']}: {item['reason']}")
-    print(f"done in {report['seconds']:.1f} s")
+    if shortcut.get("taken"):
+        print(f"checked in {report['seconds'] * 1000:.0f} ms")
+    else:
+        print(f"done in {report['seconds']:.1f} s")
 
 
 def _remove_source(args) -> int:
