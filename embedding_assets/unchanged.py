@@ -54,6 +54,7 @@ from typing import Any
 
 from embedding_assets.core.source_fingerprint import source_fingerprint
 from embedding_assets.core.sources import source_dir
+from resources.encoding import user_cache_dir
 
 MEMO_NAME = "unchanged.json"
 KEEP_ENTRIES = 16
@@ -250,7 +251,7 @@ def _cpu_flags() -> str:
 
 
 def _int8_builds() -> list:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedding-pipeline" / "int8"
+    base = user_cache_dir() / "int8"
     try:
         return sorted([entry.name, _stat(Path(entry.path))] for entry in os.scandir(base))
     except FileNotFoundError:

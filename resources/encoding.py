@@ -11,9 +11,12 @@ Imported by ``resources.model`` and by ``benchmarks/gpu_encode.py``, which runs 
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +26,37 @@ import numpy as np
 DEFAULT_MAX_SEQ_LENGTH = 384
 
 log = logging.getLogger("embedding_pipeline.model")
+
+
+def user_cache_dir() -> Path:
+    """This user's cache folder for what a machine derives from a model (``$XDG_CACHE_HOME`` or ~/.cache):
+    the weights-digest memo, the tokenizer checks (resources/tokenizer.py), int8 builds (resources/int8.py)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "embedding-pipeline"
+
+
+def read_entries(memo: Path) -> dict:
+    """A JSON memo's entries; {} when it is missing, unreadable or not an object."""
+    try:
+        entries = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def remember_entry(memo: Path, key: str, value, keep: int = 32) -> None:
+    """Add ``key -> value`` to a JSON memo (the newest ``keep`` entries), written whole by an atomic rename.
+    A memo that cannot be written is skipped (a read-only home: the value is computed again next time)."""
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        entries = read_entries(memo)
+        entries.pop(key, None)
+        entries[key] = value
+        scratch = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(dict(list(entries.items())[-keep:])))
+        os.replace(scratch, memo)
+    except OSError as exc:
+        log.debug("cannot write the memo %s: %s", memo, exc)
 
 
 class ModelConfigError(ValueError):

@@ -49,7 +49,8 @@ import numpy as np
 from embedding_assets.core.identity import fingerprint, sha256_hex
 from resources.encoding import ModelConfigError
 from resources.locks import LockTimeout, file_lock
-from resources.model import _read_json, user_cache_dir
+from resources.encoding import user_cache_dir
+from resources.model import _read_json
 
 log = logging.getLogger("embedding_pipeline.model")
 
@@ -359,7 +360,6 @@ class Int8Runner:
 
     def __init__(self, xml: str, path: str, max_seq_length: int, pooling: str, threads: int = 0, streams: int = 1):
         import openvino as ov
-        from transformers import AutoTokenizer
 
         # float32 where the model is not int8 (the last layer, norms, softmax): bf16 there would undo the check.
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": max(1, streams)}
@@ -371,12 +371,24 @@ class Int8Runner:
         self._output = outputs[0] if outputs else self._compiled.outputs[0]
         # A tokenizer of its own, not the resource's shared one (model._load_tokenizer): tokenizers are not safe
         # to share between threads, and the service counts tokens on one thread while this one encodes on another.
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        # Where the tokenizers library alone is proven to give transformers' tokens, it is used (no transformers
+        # import, so an int8 run imports neither transformers nor torch).
+        from resources.tokenizer import RawFeatures, proven_equal
+
+        if proven_equal(path):
+            self._raw: RawFeatures | None = RawFeatures(path, max_seq_length)
+        else:
+            from transformers import AutoTokenizer
+
+            self._raw, self._tokenizer = None, AutoTokenizer.from_pretrained(path)
         self._max = max_seq_length
         self._pooling = pooling
         self._local = threading.local()
 
     def features(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if self._raw is not None:
+            found = self._raw(texts)
+            return {k: v for k, v in found.items() if k in self._names or k == "attention_mask"}
         found = self._tokenizer(texts, padding=True, truncation=True, max_length=self._max, return_tensors="np")
         return {k: v for k, v in found.items() if k in self._names or k == "attention_mask"}
 

@@ -25,7 +25,10 @@ from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
 from embedding_assets.core.identity import fingerprint, sha256_hex
-from resources.encoding import DEFAULT_MAX_SEQ_LENGTH, ModelConfigError, ModelOutOfMemoryError, embed_features, plan_batches, run_batches, run_on
+from resources.encoding import (
+    DEFAULT_MAX_SEQ_LENGTH, ModelConfigError, ModelOutOfMemoryError, embed_features, plan_batches, remember_entry, run_batches,
+    run_on, user_cache_dir,
+)  # fmt: skip
 
 __all__ = ["EmbeddingModelResource", "EncodeStats", "ModelConfigError", "ModelOutOfMemoryError", "plan_batches"]
 
@@ -391,6 +394,8 @@ class LazyTokenizer:
     transformers imports torch (seconds), so an unchanged re-run, which only needs the model's token limit,
     must not load it: ``num_special_tokens_to_add`` is read from ``tokenizer.json`` with the ``tokenizers``
     library, which is what a fast tokenizer's own method asks; a folder without one loads the tokenizer.
+    The calls the pipeline makes (a list of texts: counts, offsets, word ids) go to the ``tokenizers``
+    library alone where it was proven to give transformers' tokens (resources/tokenizer.py).
     """
 
     def __init__(self, path: str):
@@ -399,14 +404,29 @@ class LazyTokenizer:
     def loaded(self):
         return _load_tokenizer(self._path)
 
-    def __call__(self, *args, **kwargs):
-        return self.loaded()(*args, **kwargs)
+    def __call__(self, texts, **kwargs):
+        from resources import tokenizer
+
+        if isinstance(texts, list) and set(kwargs) <= _RAW_CALLS and tokenizer.proven_equal(self._path):
+            return _raw_tokenizer(self._path)(texts, **kwargs)
+        return self.loaded()(texts, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.loaded(), name)
 
     def num_special_tokens_to_add(self, pair: bool = False) -> int:
         return _special_tokens(self._path, pair)
+
+
+# The keyword arguments of the calls resources.tokenizer.RawTokenizer answers as transformers would.
+_RAW_CALLS = frozenset({"add_special_tokens", "return_offsets_mapping", "return_attention_mask", "return_token_type_ids", "verbose"})
+
+
+@functools.lru_cache(maxsize=8)
+def _raw_tokenizer(path: str):
+    from resources.tokenizer import RawTokenizer
+
+    return RawTokenizer(path)
 
 
 @functools.lru_cache(maxsize=16)
@@ -504,7 +524,7 @@ def _folder_digest(path: str) -> str:
                 digest.update(block)
     value = digest.hexdigest()
     if memo_key:
-        _remember_digest(memo, memo_key, value)
+        remember_entry(memo, memo_key, value)
     return value
 
 
@@ -513,34 +533,8 @@ def _stat_key(file: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def user_cache_dir() -> Path:
-    """This user's cache folder for what a machine derives from a model (``$XDG_CACHE_HOME`` or ~/.cache):
-    the weights-digest memo here, int8 builds (resources/int8.py)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "embedding-pipeline"
-
-
 def _digest_memo_path() -> Path:
     return user_cache_dir() / "model-digests.json"
-
-
-def _remember_digest(memo: Path, key: str, value: str, keep: int = 32) -> None:
-    """Add ``key -> value`` to the memo (the newest ``keep`` entries), written whole by an atomic rename."""
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            entries = json.loads(memo.read_text())
-            entries = entries if isinstance(entries, dict) else {}
-        except (OSError, ValueError):
-            entries = {}
-        entries.pop(key, None)
-        entries[key] = value
-        entries = dict(list(entries.items())[-keep:])
-        scratch = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(entries))
-        os.replace(scratch, memo)
-    except OSError as exc:  # a read-only home: compute every time
-        log.debug("cannot remember the model digest in %s: %s", memo, exc)
 
 
 @functools.lru_cache(maxsize=16)
