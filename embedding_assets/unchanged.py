@@ -103,7 +103,14 @@ def inputs(settings, command: Command, model_path: str | None) -> Inputs:
     shortcut cannot be taken: a PostgreSQL warehouse, a source folder that cannot be listed or is gone."""
     if settings.warehouse_url is not None:
         raise NotApplicable("the warehouse is PostgreSQL (EMBEDDING_WAREHOUSE_URL): its state is not a local file")
-    parts = {
+    try:
+        return Inputs(_parts(settings, command, model_path))
+    except OSError as exc:  # a file that vanished or cannot be read while looking: the full run decides
+        raise NotApplicable(f"cannot read {exc.filename or 'a file'}: {exc.strerror or exc}") from None
+
+
+def _parts(settings, command: Command, model_path: str | None) -> dict[str, str]:
+    return {
         "sources": _digest([[name, _source(settings.sources_path, name)] for name in command.sources]),
         "warehouse": _digest([_stat(settings.home_path / "warehouse.duckdb"), _stat(settings.home_path / "warehouse.duckdb.wal")]),
         "index": _index(settings.index_path or settings.home_path / "index"),
@@ -112,7 +119,6 @@ def inputs(settings, command: Command, model_path: str | None) -> Inputs:
         "machine": _digest([socket.gethostname(), os.cpu_count(), _cpu_flags(), _int8_builds()]),
         "model": _model(model_path),
     }
-    return Inputs(parts)
 
 
 def instance_part(settings) -> str:
@@ -128,7 +134,10 @@ def instance_part(settings) -> str:
     if _OWN_STORAGE.search(text):
         raise NotApplicable(f"{config} configures its own storage: its state is not local files")
     files = [home / "history" / "runs.db", home / "history" / "runs" / "index.db", home / "schedules" / "schedules.db"]
-    return _digest([str(home), text, [_stat(f) for f in files], [_stat(Path(f"{f}-wal")) for f in files]])
+    try:
+        return _digest([str(home), text, [_stat(f) for f in files], [_stat(Path(f"{f}-wal")) for f in files]])
+    except OSError as exc:
+        raise NotApplicable(f"cannot read {exc.filename or home}: {exc.strerror or exc}") from None
 
 
 def remembered(settings, command: Command) -> dict[str, Any] | None:

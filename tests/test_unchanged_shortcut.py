@@ -273,3 +273,16 @@ def test_a_memo_that_cannot_be_written_remembers_nothing_and_raises_nothing(stat
     assert unchanged.remember(settings, COMMAND, before, {"sources": {}}, str(state / "model")) == []
     assert unchanged.remembered(settings, COMMAND) is None
     assert not [p for p in (state / "home").iterdir() if p.name.endswith(".tmp")]  # no scratch file left
+
+
+def test_a_file_that_cannot_be_read_while_looking_means_the_full_run(state, monkeypatch):
+    real = unchanged._tree
+
+    def vanishing(folder):
+        if folder == state / "code":
+            raise FileNotFoundError(2, "No such file or directory", str(folder / "gone.py"))
+        return real(folder)
+
+    monkeypatch.setattr(unchanged, "_tree", vanishing)
+    with pytest.raises(unchanged.NotApplicable, match="gone.py"):
+        _parts(state)
