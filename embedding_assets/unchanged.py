@@ -40,21 +40,20 @@ a setting's value. It is a cache: deleting it costs one full run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from embedding_assets.core.identity import sha256_hex
 from embedding_assets.core.source_fingerprint import source_fingerprint
 from embedding_assets.core.sources import source_dir
-from resources.encoding import user_cache_dir
+from resources.encoding import read_entries, remember_entry, stat_key, user_cache_dir
 
 MEMO_NAME = "unchanged.json"
 KEEP_ENTRIES = 16
@@ -144,7 +143,7 @@ def remembered(settings, command: Command) -> dict[str, Any] | None:
     """The report of the run that proved this state settled, when nothing has moved since; else None.
 
     Raises NotApplicable when the shortcut cannot be taken at all."""
-    entry = _read(memo_path(settings)).get(command.key())
+    entry = read_entries(memo_path(settings)).get(command.key())
     if not isinstance(entry, dict) or not isinstance(entry.get("report"), dict):
         return None
     model_path = entry.get("model_path")
@@ -175,11 +174,7 @@ def remember(settings, command: Command, before: Inputs, report: dict[str, Any],
         }
     except NotApplicable as why:
         return [str(why)]
-    memo = memo_path(settings)
-    entries = _read(memo)
-    entries.pop(command.key(), None)
-    entries[command.key()] = entry
-    _write(memo, dict(list(entries.items())[-KEEP_ENTRIES:]))
+    remember_entry(memo_path(settings), command.key(), entry, keep=KEEP_ENTRIES)
     return []
 
 
@@ -187,7 +182,7 @@ def remember(settings, command: Command, before: Inputs, report: dict[str, Any],
 
 
 def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_hex(json.dumps(value, sort_keys=True, default=str))
 
 
 def _environment() -> list[tuple[str, str]]:
@@ -197,12 +192,11 @@ def _environment() -> list[tuple[str, str]]:
 
 
 def _stat(path: Path) -> list[int] | None:
-    """size, mtime, ctime, inode, device; None when absent (absence is a state too)."""
+    """``stat_key`` of a file; None when absent (absence is a state too)."""
     try:
-        st = path.stat()
+        return stat_key(path)
     except FileNotFoundError:
         return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _source(root: Path, name: str) -> str:
@@ -275,20 +269,3 @@ def _model(path: str | None) -> str:
     if folder.parent.name == "snapshots":  # a Hugging Face hub cache: refs/main names the snapshot in use
         parts.append(_tree(folder.parent.parent / "refs"))
     return _digest(parts)
-
-
-def _read(memo: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _write(memo: Path, entries: dict[str, Any]) -> None:
-    scratch = memo.with_name(f".{memo.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        scratch.write_text(json.dumps(entries))
-        os.replace(scratch, memo)
-    except OSError:
-        scratch.unlink(missing_ok=True)

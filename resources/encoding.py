@@ -35,6 +35,12 @@ def user_cache_dir() -> Path:
     return Path(base) / "embedding-pipeline"
 
 
+def stat_key(path: Path) -> list[int]:
+    """size, mtime, ctime, inode, device of a file: a rewrite always moves it (a program cannot set ctime back)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def read_entries(memo: Path) -> dict:
     """A JSON memo's entries; {} when it is missing, unreadable or not an object."""
     try:
@@ -47,16 +53,20 @@ def read_entries(memo: Path) -> dict:
 def remember_entry(memo: Path, key: str, value, keep: int = 32) -> None:
     """Add ``key -> value`` to a JSON memo (the newest ``keep`` entries), written whole by an atomic rename.
     A memo that cannot be written is skipped (a read-only home: the value is computed again next time)."""
+    scratch = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         entries = read_entries(memo)
         entries.pop(key, None)
         entries[key] = value
-        scratch = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
         scratch.write_text(json.dumps(dict(list(entries.items())[-keep:])))
         os.replace(scratch, memo)
     except OSError as exc:
         log.debug("cannot write the memo %s: %s", memo, exc)
+        try:
+            scratch.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 class ModelConfigError(ValueError):

@@ -27,7 +27,7 @@ from pydantic import Field, PrivateAttr
 from embedding_assets.core.identity import fingerprint, sha256_hex
 from resources.encoding import (
     DEFAULT_MAX_SEQ_LENGTH, ModelConfigError, ModelOutOfMemoryError, embed_features, plan_batches, remember_entry, run_batches,
-    run_on, user_cache_dir,
+    run_on, stat_key, user_cache_dir,
 )  # fmt: skip
 
 __all__ = ["EmbeddingModelResource", "EncodeStats", "ModelConfigError", "ModelOutOfMemoryError", "plan_batches"]
@@ -504,7 +504,7 @@ def _folder_digest(path: str) -> str:
     root = Path(path)
     files = [(name, root / name) for name in (*_CONFIG_FILES, *_WEIGHT_FILES) if (root / name).exists()]
     try:
-        stamp = json.dumps([[name, *_stat_key(file)] for name, file in files])
+        stamp = json.dumps([[name, *stat_key(file)] for name, file in files])
     except OSError:
         stamp = None
     memo_key = sha256_hex(f"{root.resolve()}\x00{stamp}".encode()) if stamp else None
@@ -526,11 +526,6 @@ def _folder_digest(path: str) -> str:
     if memo_key:
         remember_entry(memo, memo_key, value)
     return value
-
-
-def _stat_key(file: Path) -> list[int]:
-    st = file.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _digest_memo_path() -> Path:

@@ -105,14 +105,26 @@ def unprivileged_prefix(probe_dir: Path) -> list[str]:
 def dynamic_partitions(dagster_home: Path) -> list[str]:
     """The `sources` dynamic partitions recorded in the Dagster instance of ``dagster_home``, read by a
     separate process (the instance is the CLI's own, never opened by the test process)."""
+    out = in_instance(dagster_home, "print(json.dumps(instance.get_dynamic_partitions(SOURCES_PARTITIONS_NAME)))")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def delete_partition(dagster_home: Path, name: str) -> None:
+    """Delete a `sources` partition in the instance of ``dagster_home`` (as the UI can), in a separate process."""
+    in_instance(dagster_home, "instance.delete_dynamic_partition(SOURCES_PARTITIONS_NAME, sys.argv[1])", name)
+
+
+def in_instance(dagster_home: Path, statement: str, *args: str) -> str:
+    """Run ``statement`` with ``instance`` open on ``dagster_home`` in a new process; its stdout."""
     code = (
-        "import dagster as dg, json\n"
+        "import dagster as dg, json, sys\n"
         "from embedding_assets.partitions import SOURCES_PARTITIONS_NAME\n"
         "with dg.DagsterInstance.get() as instance:\n"
-        "    print(json.dumps(instance.get_dynamic_partitions(SOURCES_PARTITIONS_NAME)))\n"
+        f"    {statement}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_")}
     env.update(DAGSTER_HOME=str(dagster_home), PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout

@@ -17,7 +17,7 @@ import pytest
 
 from embedding_assets import unchanged
 from embedding_assets.settings import load_settings
-from tests.cli_support import ROOT, cli, cli_env, copy_corpus, dynamic_partitions, ok
+from tests.cli_support import ROOT, cli, cli_env, copy_corpus, delete_partition, dynamic_partitions, ok
 
 # A process in which importing Dagster or DuckDB fails: a run that needs either cannot pass unnoticed.
 NO_DAGSTER = """
@@ -112,7 +112,7 @@ def test_an_unchanged_rerun_skips_dagster_and_every_change_defeats_it(tmp_path):
     settle(env)
 
     # The partition deleted in the Dagster instance (as the UI can): the full run adds it back.
-    _delete_partition(tmp_path / "dagster", "alpha")
+    delete_partition(tmp_path / "dagster", "alpha")
     assert "alpha" not in dynamic_partitions(tmp_path / "dagster")
     readded = materialize(env)
     assert readded["shortcut"] == {"taken": False, "remembered": True}  # the rows were all there: nothing written
@@ -123,22 +123,6 @@ def test_an_unchanged_rerun_skips_dagster_and_every_change_defeats_it(tmp_path):
     (tmp_path / "home" / unchanged.MEMO_NAME).write_text("{not json")
     assert materialize(env)["shortcut"] == {"taken": False, "remembered": True}
     assert materialize(env)["shortcut"]["taken"] is True
-
-
-def _delete_partition(dagster_home: Path, name: str) -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import dagster as dg, sys\n"
-        "from embedding_assets.partitions import SOURCES_PARTITIONS_NAME\n"
-        "with dg.DagsterInstance.get() as instance:\n"
-        "    instance.delete_dynamic_partition(SOURCES_PARTITIONS_NAME, sys.argv[1])\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_")}
-    env.update(DAGSTER_HOME=str(dagster_home), PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", code, name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------ the parts, one by one
